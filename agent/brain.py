@@ -1,0 +1,358 @@
+"""The model engine: one llama.cpp model, one turn at a time, behind a bounded request queue.
+
+`Model` owns the llama-cpp-python `Llama` and runs a turn synchronously: format the prompt (prefix-stable, so
+the system prompt's KV cache is reused), stream tokens, stop on end-of-turn / EOS / max_tokens / deadline /
+cancel. `Engine` puts a worker thread and a bounded queue in front of it: a full queue refuses a request at
+once, and every accepted request ends in exactly one result or one error for its sink.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import functools
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agent.config import ModelConfig
+from agent.prompt import END, ChatTemplate, TemplateProblem, Turn, gemma_prompt
+
+log = logging.getLogger("agent.brain")
+
+RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a new seed each turn
+
+
+class EngineError(Exception):
+    """A turn that cannot be served; `code` goes into the `error` payload."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+class ModelLoadError(Exception):
+    """The model file could not be loaded."""
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass
+class Request:
+    """One turn asked of the model."""
+
+    text: str
+    id: str = field(default_factory=new_id)
+    source: str = "ask"
+    max_tokens: int | None = None
+    created: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Result:
+    """What a turn produced, with the figures a user tunes by."""
+
+    id: str
+    text: str
+    source: str
+    stop: str  # "end" | "max_tokens" | "deadline" | "cancelled" | "context"
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    ttft_ms: float
+    latency_ms: float
+    prefill_tps: float
+    decode_tps: float
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "text": self.text, "source": self.source, "done": True, "stop": self.stop,
+            "tokens": {"prompt": self.prompt_tokens, "cached": self.cached_tokens,
+                       "completion": self.completion_tokens},
+            "latency_ms": round(self.latency_ms, 1), "ttft_ms": round(self.ttft_ms, 1),
+            "prefill_tps": round(self.prefill_tps, 1), "decode_tps": round(self.decode_tps, 1),
+        }
+
+
+class Sink(Protocol):
+    """Where a turn's output goes. Called from the engine's worker thread; must not block for long."""
+
+    def on_delta(self, request: Request, delta: str, index: int) -> None: ...
+
+    def on_result(self, request: Request, result: Result) -> None: ...
+
+    def on_error(self, request: Request, code: str, detail: str) -> None: ...
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_EXPECTED = ("using full-size SWA cache",)  # warnings about choices we make on purpose: logged at debug
+_llama_log_state: dict[str, Any] = {}
+
+
+def route_llama_logs() -> None:
+    """Send llama.cpp's log lines (which arrive in pieces, on any thread) to the `llama.cpp` logger."""
+    if _llama_log_state:
+        return
+    import llama_cpp
+
+    logger = logging.getLogger("llama.cpp")
+    pending: list[str] = []
+    level = [logging.DEBUG]
+
+    def callback(lvl: int, text: bytes, _data: Any) -> None:
+        if lvl != 5:  # 5 = GGML_LOG_LEVEL_CONT: continues the previous line
+            level[0] = _GGML_LEVELS.get(lvl, logging.DEBUG)
+        pending.append(text.decode("utf-8", errors="replace"))
+        if pending[-1].endswith("\n"):
+            line = "".join(pending).rstrip()
+            pending.clear()
+            if line:
+                logger.log(logging.DEBUG if any(e in line for e in _EXPECTED) else level[0], "%s", line)
+
+    _llama_log_state["cb"] = llama_cpp.llama_log_callback(callback)  # keep a reference: C holds the pointer
+    llama_cpp.llama_log_set(_llama_log_state["cb"], ctypes.c_void_p(0))
+
+
+class Model:
+    """A loaded GGUF model and the chat format it speaks. Not thread-safe: one owner (the Engine's worker)."""
+
+    def __init__(self, cfg: ModelConfig, path: str | None = None) -> None:
+        import llama_cpp
+
+        self.cfg = cfg
+        self.path = path or cfg.path
+        route_llama_logs()
+        threads = cfg.n_threads or available_cpus()
+        started = time.monotonic()
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=self.path, n_ctx=cfg.n_ctx, n_batch=cfg.n_batch, n_ubatch=cfg.n_ubatch,
+                n_threads=threads, n_threads_batch=threads, n_gpu_layers=cfg.n_gpu_layers,
+                seed=RANDOM_SEED if cfg.seed < 0 else cfg.seed, use_mmap=True,
+                # A full-size sliding-window cache keeps every position, so a reused prefix stays exact after
+                # long turns (a pruned SWA cache would silently attend over missing positions).
+                swa_full=True, verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(f"{self.path}: llama.cpp could not load the model: {exc}") from None
+        self.load_seconds = time.monotonic() - started
+        self._vocab = self.llm._model.vocab
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        self._end_of_turn = self._single_token(END)
+        self._abort_deadline = float("inf")
+        self._abort_event: threading.Event | None = None
+        self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
+        self._no_abort_cb = llama_cpp.ggml_abort_callback()
+        self._set_abort = llama_cpp.llama_set_abort_callback
+        self.template = self._load_template()
+        log.info("model loaded: %s in %.2fs (n_ctx %d, threads %d, chat format %s)", self.path,
+                 self.load_seconds, cfg.n_ctx, threads, "GGUF template" if self.template else "built-in Gemma")
+
+    def _single_token(self, text: str) -> int | None:
+        ids = self.llm.tokenize(text.encode(), add_bos=False, special=True)
+        return ids[0] if len(ids) == 1 else None
+
+    def _load_template(self) -> ChatTemplate | None:
+        source = self.llm.metadata.get("tokenizer.chat_template")
+        if not source:
+            return None
+        try:
+            return ChatTemplate(source, self._token_text(self.llm.token_bos()), self._token_text(self.llm.token_eos()))
+        except TemplateProblem as exc:
+            log.warning("%s; using the built-in Gemma turn format", exc)
+            return None
+
+    def _token_text(self, token: int) -> str:
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.llm.n_ctx())
+
+    def render(self, turns: list[Turn], system: str | None = None) -> str:
+        system = self.cfg.system_prompt if system is None else system
+        if self.template is not None:
+            try:
+                return self.template.render(system, turns)
+            except TemplateProblem as exc:
+                log.warning("%s; using the built-in Gemma turn format", exc)
+                self.template = None
+        return gemma_prompt(system, turns, self._token_text(self.llm.token_bos()))
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return list(self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+
+    def cached_prefix(self, tokens: list[int]) -> int:
+        """How many leading tokens of `tokens` are already in the KV cache."""
+        cached = self.llm.input_ids[: self.llm.n_tokens]
+        n = 0
+        for a, b in zip(cached, tokens, strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def _should_abort(self, _data: Any) -> bool:
+        event = self._abort_event
+        return (event is not None and event.is_set()) or time.monotonic() > self._abort_deadline
+
+    def generate(self, request: Request, turns: list[Turn] | None = None,
+                 on_delta: Callable[[str, int], None] | None = None,
+                 cancel: threading.Event | None = None) -> Result:
+        """Run one turn; `turns` defaults to the request's text as the only user turn."""
+        cfg = self.cfg
+        started = time.monotonic()
+        deadline = started + cfg.deadline
+        tokens = self.tokenize(self.render(turns or [Turn("user", request.text)]))
+        room = self.n_ctx - len(tokens)
+        if room < 2:
+            raise EngineError("prompt_too_long", f"the prompt is {len(tokens)} tokens; the context is {self.n_ctx}")
+        budget = min(request.max_tokens or cfg.max_tokens, room - 1)
+        cached = min(self.cached_prefix(tokens), len(tokens) - 1)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces: list[str] = []
+        n_out, first_at, stop = 0, 0.0, "max_tokens"
+        self._abort_deadline, self._abort_event = deadline, cancel
+        # The abort callback runs per graph node: armed for the prompt only, where one decode can take seconds.
+        self._set_abort(self.llm._ctx.ctx, self._abort_cb, None)
+        try:
+            for token in self.llm.generate(
+                tokens, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, temp=cfg.temperature,
+                repeat_penalty=cfg.repeat_penalty, reset=True,
+            ):
+                if n_out == 0:
+                    first_at = time.monotonic()
+                    self._set_abort(self.llm._ctx.ctx, self._no_abort_cb, None)
+                if self._is_eog(self._vocab, token) or token == self._end_of_turn:
+                    stop = "end"
+                    break
+                n_out += 1
+                text = decoder.decode(self.llm.detokenize([token]))
+                if text:
+                    pieces.append(text)
+                    if on_delta is not None:
+                        on_delta(text, len(pieces) - 1)
+                if cancel is not None and cancel.is_set():
+                    stop = "cancelled"
+                    break
+                if time.monotonic() > deadline:
+                    stop = "deadline"
+                    break
+                if n_out >= budget:
+                    stop = "max_tokens" if budget == (request.max_tokens or cfg.max_tokens) else "context"
+                    break
+        except RuntimeError as exc:  # llama_decode aborted (cancel/deadline during the prompt) or failed
+            if not self._should_abort(None):
+                raise EngineError("model_error", f"llama.cpp failed during the turn: {exc}") from None
+            stop = "deadline" if time.monotonic() > deadline else "cancelled"
+        finally:
+            self._set_abort(self.llm._ctx.ctx, self._no_abort_cb, None)
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            pieces.append(tail)
+            if on_delta is not None:
+                on_delta(tail, len(pieces) - 1)
+        ended = time.monotonic()
+        first_at = first_at or ended
+        prefill_s, decode_s = first_at - started, ended - first_at
+        return Result(
+            id=request.id, text="".join(pieces), source=request.source, stop=stop,
+            prompt_tokens=len(tokens), cached_tokens=cached, completion_tokens=n_out,
+            ttft_ms=prefill_s * 1000, latency_ms=(ended - started) * 1000,
+            prefill_tps=(len(tokens) - cached) / prefill_s if prefill_s > 0 else 0.0,
+            decode_tps=(n_out - 1) / decode_s if n_out > 1 and decode_s > 0 else 0.0,
+        )
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+_STOP = object()
+
+
+class Engine:
+    """A worker thread serving requests one at a time from a bounded queue."""
+
+    def __init__(self, model: Model, queue_size: int) -> None:
+        self.model = model
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="engine", daemon=True)
+        self.current: Request | None = None
+        self.last_result: Result | None = None
+        self.turns_served = 0
+        self.progress_at = time.monotonic()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, request: Request, sink: Sink) -> None:
+        """Queue a request, or raise EngineError('queue_full') at once."""
+        if self._cancel.is_set():
+            raise EngineError("shutting_down", "the daemon is stopping")
+        try:
+            self._queue.put_nowait((request, sink))
+        except queue.Full:
+            raise EngineError(
+                "queue_full", f"{self._queue.maxsize} requests are already waiting; try again later"
+            ) from None
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            request, sink = item
+            self.current = request
+            try:
+                if self._cancel.is_set():
+                    sink.on_error(request, "shutting_down", "the daemon stopped before this request was served")
+                    continue
+                result = self.model.generate(request, on_delta=functools.partial(sink.on_delta, request),
+                                             cancel=self._cancel)
+                self.last_result = result
+                self.turns_served += 1
+                sink.on_result(request, result)
+            except EngineError as exc:
+                sink.on_error(request, exc.code, exc.detail)
+            except Exception as exc:  # a bug must not kill the worker: report it and keep serving
+                log.exception("turn %s failed", request.id)
+                sink.on_error(request, "internal_error", f"{type(exc).__name__}: {exc}")
+            finally:
+                self.current = None
+                self.progress_at = time.monotonic()
+
+    def stop(self, timeout: float = 4.0) -> bool:
+        """Cancel the running turn, fail the queued ones, and join the worker. True if it ended in time."""
+        self._cancel.set()  # seen between tokens, and by llama.cpp's abort callback during the prompt
+        while True:  # fail waiting requests now so their senders hear back before we go offline
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            request, sink = item
+            sink.on_error(request, "shutting_down", "the daemon stopped before this request was served")
+        if self._thread.ident is None:  # never started
+            return True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()

@@ -1,0 +1,95 @@
+"""Inbound MQTT payloads: bytes from anyone on the network become a typed request, or a clear PayloadError.
+
+Accepted on `ask`: plain UTF-8 text, or a JSON object {"id": str, "text": str, "image": "latest"|"none"}.
+Unknown JSON fields are ignored (senders may add their own bookkeeping); every other problem names the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+ID_PATTERN = re.compile(r"^[\x21-\x7e]{1,64}$")  # printable ASCII, no spaces: safe to echo in topics and logs
+
+
+class PayloadError(Exception):
+    """A rejected payload; published on `error` with the request id when it was readable."""
+
+    def __init__(self, code: str, detail: str, request_id: str | None = None) -> None:
+        super().__init__(detail)
+        self.code, self.detail, self.request_id = code, detail, request_id
+
+
+@dataclass(frozen=True)
+class Ask:
+    text: str
+    id: str | None = None
+    image: str | None = None
+
+
+def clean_text(text: str) -> str:
+    """Strip control characters (keeping newlines and tabs) and surrounding whitespace."""
+    kept = (c for c in text if c in "\n\t" or unicodedata.category(c)[0] != "C")
+    return "".join(kept).strip()
+
+
+def parse_ask(payload: bytes, max_payload: int) -> Ask:
+    """Parse an `ask` payload (plain text or JSON), enforcing the size limit before anything else."""
+    obj = _decode(payload, max_payload)
+    if isinstance(obj, str):
+        return Ask(text=_text(obj, "text", None))
+    request_id = _id(obj)
+    text = obj.get("text")
+    if text is None:
+        raise PayloadError("missing_field", "field 'text' is required", request_id)
+    image = obj.get("image")
+    if image is not None and image not in ("latest", "none"):
+        raise PayloadError("invalid_field", "field 'image' must be \"latest\" or \"none\"", request_id)
+    return Ask(text=_text(text, "text", request_id), id=request_id, image=image)
+
+
+def _decode(payload: bytes, max_payload: int) -> str | dict[str, Any]:
+    if len(payload) > max_payload:
+        raise PayloadError("too_large", f"payload is {len(payload)} bytes; the limit (mqtt.max_payload) is "
+                           f"{max_payload}")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PayloadError("invalid_utf8", f"payload is not UTF-8 (byte {exc.start})") from None
+    if not text.lstrip().startswith(("{", "[")):
+        return text
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PayloadError("invalid_json", f"invalid JSON at line {exc.lineno}, column {exc.colno}: "
+                           f"{exc.msg}") from None
+    except (RecursionError, ValueError) as exc:  # absurd nesting, integers beyond Python's digit limit
+        raise PayloadError("invalid_json", f"JSON rejected: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise PayloadError("invalid_json", f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _id(obj: dict[str, Any]) -> str | None:
+    value = obj.get("id")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise PayloadError("invalid_field", f"field 'id' must be a string, got {type(value).__name__}")
+    value = str(value)
+    if not ID_PATTERN.match(value):
+        raise PayloadError("invalid_field", "field 'id' must be 1-64 printable ASCII characters without spaces")
+    return value
+
+
+def _text(value: Any, name: str, request_id: str | None) -> str:
+    if not isinstance(value, str):
+        raise PayloadError("invalid_field", f"field '{name}' must be a string, got {type(value).__name__}",
+                           request_id)
+    text = clean_text(value)
+    if not text:
+        raise PayloadError("empty_text", f"field '{name}' is empty", request_id)
+    return text

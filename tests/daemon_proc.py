@@ -1,0 +1,57 @@
+"""Run `gemma-agent run` as a real subprocess against the test broker, as systemd would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+from conftest import ROOT, Client, agent_cmd
+
+
+class DaemonProcess:
+    def __init__(self, broker_port: int, model: Path, *overrides: str, config: Path | None = None,
+                 cwd: Path = ROOT) -> None:
+        self.device_id = f"t{uuid.uuid4().hex[:8]}"
+        self.base = f"gemma_agent/{self.device_id}"
+        self.args = [
+            "--config", str(config or ROOT / "config" / "agent.yaml"),
+            "--set", f"model.path={model}", "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={broker_port}",
+            "--set", f"device.id={self.device_id}", "--set", "model.temperature=0", "--set", "model.max_tokens=16",
+            "--set", "mqtt.keepalive=5", "--set", "mqtt.reconnect_max=2",
+        ]
+        for item in overrides:
+            self.args += ["--set", item]
+        self.cwd = cwd
+        self.proc: subprocess.Popen[str] | None = None
+        self.log = ""
+
+    def start(self, client: Client, wait_online: bool = True) -> None:
+        """Start the daemon; `client` must already be subscribed to the daemon's topics."""
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(agent_cmd(*self.args, "run"), cwd=self.cwd, env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if wait_online:
+            client.wait_for(f"{self.base}/availability", lambda m: m.payload == b"online", timeout=60)
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 15) -> int:
+        assert self.proc is not None
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+            raise
+        self.log = out
+        return self.proc.returncode
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.wait()

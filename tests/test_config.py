@@ -1,0 +1,181 @@
+"""Config loading: the documented default file, every error kind naming key and line, overrides, secrets."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, agent_cmd
+
+from agent import config as config_mod
+from agent.config import Config, ConfigError, load
+
+DEFAULT_YAML = ROOT / "config" / "agent.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_documented_default_file_equals_the_built_in_defaults() -> None:
+    loaded = load(DEFAULT_YAML, environ={})
+    loaded.source = Config().source
+    assert loaded == Config()
+
+
+def test_every_key_in_the_default_file_is_commented() -> None:
+    for number, line in enumerate(DEFAULT_YAML.read_text().splitlines(), 1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and not stripped.endswith(":") and "system_prompt" not in line:
+            assert "#" in line, f"config/agent.yaml line {number} has no comment: {line!r}"
+
+
+def test_every_dataclass_field_appears_in_the_default_file() -> None:
+    text = DEFAULT_YAML.read_text()
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal"):
+                continue
+            assert f"{f.name}:" in text, f"{prefix}{f.name} is not documented in config/agent.yaml"
+            if dataclasses.is_dataclass(f.type) or isinstance(f.default_factory, type):  # nested section
+                walk(f.default_factory, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+
+    walk(Config, "")
+
+
+def test_unknown_key_names_dotted_path_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "model:\n  n_ctx: 1024\n  temprature: 0.5\n")
+    with pytest.raises(ConfigError) as err:
+        load(path, environ={})
+    message = str(err.value)
+    assert "model.temprature" in message and "line 3" in message and "temperature" in message
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"line 2: unknown key 'modle'"):
+        load(write(tmp_path, "# hi\nmodle:\n  n_ctx: 1\n"), environ={})
+
+
+def test_wrong_type_names_key_expected_and_given(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, "mqtt:\n  port: eighteen\n"), environ={})
+    assert str(err.value) == f"{tmp_path / 'agent.yaml'}, line 2: mqtt.port: expected an integer, got 'eighteen' (str)"
+
+
+def test_out_of_range_names_key_range_and_value(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"line 2: model.top_p: expected a value from 0.0 to 1.0, got 1.5"):
+        load(write(tmp_path, "model:\n  top_p: 1.5\n"), environ={})
+
+
+def test_bool_is_not_an_integer(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape("model.n_ctx: expected an integer, got True")):
+        load(write(tmp_path, "model:\n  n_ctx: yes\n"), environ={})
+
+
+def test_choice_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"camera.input_size: expected one of 256, 512, 768, got 300"):
+        load(write(tmp_path, "camera:\n  input_size: 300\n"), environ={})
+
+
+def test_section_must_be_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"line 1: mqtt: expected a mapping"):
+        load(write(tmp_path, "mqtt: 5\n"), environ={})
+
+
+def test_malformed_yaml_reports_line_and_column(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"malformed YAML at line 3, column 10: mapping values"):
+        load(write(tmp_path, "model:\n  n_ctx: 1024\n  path: a: b\n"), environ={})
+    with pytest.raises(ConfigError, match=r"at line 4, column 1: .* \(while parsing a flow sequence at line 3, "):
+        load(write(tmp_path, "model:\n  n_ctx: 1024\n  path: [unclosed\n"), environ={})
+
+
+def test_top_level_must_be_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load(write(tmp_path, "- a\n- b\n"), environ={})
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load("/nonexistent/agent.yaml", environ={})
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    assert load(write(tmp_path, "# nothing\n"), environ={}).model == Config().model
+
+
+def test_overrides_are_typed_by_their_field(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, "model:\n  n_ctx: 1024\n"),
+               ["model.n_ctx=4096", "model.temperature=0", "mqtt.password=12345", "device.id=kitchen",
+                "camera.source=0", "mqtt.tls.enabled=true"], environ={})
+    assert cfg.model.n_ctx == 4096 and cfg.model.temperature == 0.0
+    assert cfg.mqtt.password == "12345" and cfg.device_id == "kitchen"
+    assert cfg.camera.source == 0 and cfg.mqtt.tls.enabled is True
+
+
+def test_override_errors_name_the_flag() -> None:
+    with pytest.raises(ConfigError, match=r"--set model.n_ctx: model.n_ctx: expected an integer"):
+        load(None, ["model.n_ctx=big"], environ={})
+    with pytest.raises(ConfigError, match=r"--set model.nctx: unknown key 'model.nctx'"):
+        load(None, ["model.nctx=1"], environ={})
+    with pytest.raises(ConfigError, match=re.escape("expected dotted.key=value")):
+        load(None, ["model.n_ctx"], environ={})
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(ConfigError, match=re.escape("model.max_tokens")):
+        load(None, ["model.n_ctx=512", "model.max_tokens=600"], environ={})
+    with pytest.raises(ConfigError, match=re.escape("cert_file and mqtt.tls.key_file")):
+        load(None, ["mqtt.tls.cert_file=/x.pem"], environ={})
+
+
+def test_secrets_from_environment() -> None:
+    cfg = load(None, environ={"GEMMA_AGENT_MQTT_USERNAME": "agent", "GEMMA_AGENT_MQTT_PASSWORD": "s3cret"})
+    assert (cfg.mqtt.username, cfg.mqtt.password) == ("agent", "s3cret")
+
+
+def test_password_file_must_be_private(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("hunter2\n")
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by others"):
+        load(None, [f"mqtt.password_file={secret}"], environ={})
+    secret.chmod(0o600)
+    assert load(None, [f"mqtt.password_file={secret}"], environ={}).mqtt.password == "hunter2"
+
+
+def test_device_id_pattern_and_derivation() -> None:
+    with pytest.raises(ConfigError, match=re.escape("device.id")):
+        load(None, ["device.id=living room/+"], environ={})
+    derived = load(None, environ={}).device_id
+    assert derived and all(c.isalnum() or c in "_-" for c in derived)
+
+
+def test_default_path_prefers_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    assert config_mod.default_path({"GEMMA_AGENT_CONFIG": str(path)}) == path
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("model:\n  bogus: 1\n", "unknown key 'model.bogus'"),
+        ("model:\n  n_ctx: many\n", "model.n_ctx: expected an integer"),
+        ("model:\n  n_ctx: 64\n", "model.n_ctx: expected a value from 256"),
+        ("model: [\n", "malformed YAML at line"),
+    ],
+)
+def test_cli_exits_78_with_one_clear_line(tmp_path: Path, yaml_text: str, expected: str) -> None:
+    path = write(tmp_path, yaml_text)
+    proc = subprocess.run(agent_cmd("--config", str(path), "check"), capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 78
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stdout == ""

@@ -1,0 +1,140 @@
+"""The engine on the real Gemma 3 270M: streaming, determinism, prefix reuse, stop conditions, the queue."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.brain import Engine, EngineError, Model, Request, Result
+from agent.config import ModelConfig
+
+SYSTEM = "You are a helpful assistant. " * 12
+
+
+@pytest.fixture(scope="module")
+def model(gemma270m: Path) -> Iterator[Model]:
+    m = Model(ModelConfig(path=str(gemma270m), temperature=0.0, max_tokens=24, n_ctx=1024, system_prompt=SYSTEM))
+    yield m
+    m.close()
+
+
+def configure(model: Model, **changes: object) -> None:
+    model.cfg = dataclasses.replace(model.cfg, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def reset_config(model: Model) -> Iterator[None]:
+    saved = model.cfg
+    yield
+    model.cfg = saved
+
+
+def test_stream_concatenates_to_the_final_text(model: Model) -> None:
+    deltas: list[tuple[str, int]] = []
+    result = model.generate(Request(text="The capital of France is"), on_delta=lambda d, i: deltas.append((d, i)))
+    assert result.text and result.completion_tokens > 0
+    assert "".join(d for d, _ in deltas) == result.text
+    assert [i for _, i in deltas] == list(range(len(deltas)))
+
+
+def test_greedy_decoding_is_deterministic(model: Model) -> None:
+    first = model.generate(Request(text="Count from one to five."))
+    model.generate(Request(text="Something else entirely, to disturb the cache."))
+    second = model.generate(Request(text="Count from one to five."))
+    assert first.text == second.text and first.text
+
+
+def test_system_prompt_prefix_is_reused(model: Model) -> None:
+    model.generate(Request(text="First question?"))
+    result = model.generate(Request(text="A second, different question?"))
+    system_tokens = len(model.tokenize(f"<bos><start_of_turn>user\n{SYSTEM}\n\n"))
+    assert result.cached_tokens >= system_tokens - 8 > 50
+    assert result.prompt_tokens - result.cached_tokens < 30
+
+
+def test_max_tokens_stops_the_turn(model: Model) -> None:
+    result = model.generate(Request(text="Tell me a long story about a dragon.", max_tokens=5))
+    assert result.stop == "max_tokens" and result.completion_tokens == 5
+
+
+def test_cancel_before_start_aborts_during_the_prompt(model: Model) -> None:
+    cancel = threading.Event()
+    cancel.set()
+    result = model.generate(Request(text="Anything at all " * 40), cancel=cancel)
+    assert result.stop == "cancelled" and result.completion_tokens == 0 and result.text == ""
+    # the model state stays usable and exact after an aborted prompt
+    again = model.generate(Request(text="Count from one to five."))
+    assert again.text == model.generate(Request(text="Count from one to five.")).text
+
+
+def test_cancel_mid_generation(model: Model) -> None:
+    cancel = threading.Event()
+
+    def on_delta(_d: str, index: int) -> None:
+        if index == 2:
+            cancel.set()
+
+    result = model.generate(Request(text="Write a poem about rain.", max_tokens=200), on_delta=on_delta, cancel=cancel)
+    assert result.stop == "cancelled" and 3 <= result.completion_tokens < 10
+
+
+def test_deadline_stops_the_turn(model: Model) -> None:
+    configure(model, deadline=1.0, max_tokens=900)
+    result = model.generate(Request(text="Write a very long essay about the history of bread."))
+    assert result.stop in ("deadline", "end")
+    if result.stop == "deadline":
+        assert result.latency_ms >= 1000
+
+
+def test_prompt_longer_than_the_context_is_refused(model: Model) -> None:
+    with pytest.raises(EngineError) as err:
+        model.generate(Request(text="word " * 2000))
+    assert err.value.code == "prompt_too_long"
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.results: list[Result] = []
+        self.errors: list[tuple[str, str]] = []
+        self.done = threading.Semaphore(0)
+
+    def on_delta(self, request: Request, delta: str, index: int) -> None:
+        pass
+
+    def on_result(self, request: Request, result: Result) -> None:
+        self.results.append(result)
+        self.done.release()
+
+    def on_error(self, request: Request, code: str, detail: str) -> None:
+        self.errors.append((request.id, code))
+        self.done.release()
+
+
+def test_full_queue_refuses_at_once_and_nothing_is_dropped(model: Model) -> None:
+    engine = Engine(model, queue_size=2)
+    sink = Collect()
+    engine.submit(Request(text="one", id="1"), sink)
+    engine.submit(Request(text="two", id="2"), sink)
+    with pytest.raises(EngineError) as err:
+        engine.submit(Request(text="three", id="3"), sink)
+    assert err.value.code == "queue_full"
+    engine.start()
+    for _ in range(2):
+        assert sink.done.acquire(timeout=60)
+    assert sorted(r.id for r in sink.results) == ["1", "2"]
+    assert engine.stop()
+
+
+def test_stop_fails_queued_requests_with_an_error(model: Model) -> None:
+    engine = Engine(model, queue_size=3)
+    sink = Collect()
+    for n in range(3):
+        engine.submit(Request(text="hello", id=str(n)), sink)
+    assert engine.stop()
+    assert sorted(sink.errors) == [("0", "shutting_down"), ("1", "shutting_down"), ("2", "shutting_down")]
+    with pytest.raises(EngineError, match="stopping"):
+        engine.submit(Request(text="late"), sink)
