@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.config import ModelConfig
+from agent.conversation import Conversation
 from agent.prompt import END, ChatTemplate, TemplateProblem, Turn, gemma_prompt
 
 log = logging.getLogger("agent.brain")
@@ -53,6 +54,7 @@ class Request:
     id: str = field(default_factory=new_id)
     source: str = "ask"
     max_tokens: int | None = None
+    remember: bool = True  # part of the conversation (False: a motion-triggered description, say)
     created: float = field(default_factory=time.monotonic)
 
 
@@ -288,8 +290,9 @@ _STOP = object()
 class Engine:
     """A worker thread serving requests one at a time from a bounded queue."""
 
-    def __init__(self, model: Model, queue_size: int) -> None:
+    def __init__(self, model: Model, queue_size: int, conversation: Conversation | None = None) -> None:
         self.model = model
+        self.conversation = conversation
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._work, name="engine", daemon=True)
@@ -300,6 +303,10 @@ class Engine:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     @property
     def depth(self) -> int:
@@ -323,12 +330,15 @@ class Engine:
                 return
             request, sink = item
             self.current = request
+            self.progress_at = time.monotonic()
             try:
                 if self._cancel.is_set():
                     sink.on_error(request, "shutting_down", "the daemon stopped before this request was served")
                     continue
-                result = self.model.generate(request, on_delta=functools.partial(sink.on_delta, request),
-                                             cancel=self._cancel)
+                result = self.model.generate(request, turns=self._turns(request),
+                                             on_delta=functools.partial(sink.on_delta, request), cancel=self._cancel)
+                if self.conversation is not None and request.remember and result.stop != "cancelled":
+                    self.conversation.record(request.text, result.text)
                 self.last_result = result
                 self.turns_served += 1
                 sink.on_result(request, result)
@@ -340,6 +350,19 @@ class Engine:
             finally:
                 self.current = None
                 self.progress_at = time.monotonic()
+
+    def _turns(self, request: Request) -> list[Turn]:
+        """The conversation so far plus this question, dropping the oldest exchanges until the answer fits."""
+        question = Turn("user", request.text)
+        if self.conversation is None:
+            return [question]
+        budget = request.max_tokens or self.model.cfg.max_tokens
+        while True:
+            turns = [*self.conversation.history(), question]
+            if len(self.model.tokenize(self.model.render(turns))) + budget <= self.model.n_ctx:
+                return turns
+            if not self.conversation.forget_oldest():
+                return turns
 
     def stop(self, timeout: float = 4.0) -> bool:
         """Cancel the running turn, fail the queued ones, and join the worker. True if it ended in time."""

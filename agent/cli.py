@@ -1,24 +1,16 @@
-"""`gemma-agent` command line: run | ask | check | demo. Exit codes are listed in agent/exitcodes.py."""
+"""gemma-agent: run | ask | check | demo | ha | models. Exit codes are listed in agent/exitcodes.py."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
 from agent import config as config_mod
-from agent import exitcodes, logs
+from agent import exitcodes, logs, package_version
 from agent.config import Config, ConfigError
 
 log = logging.getLogger("agent")
-
-
-def package_version() -> str:
-    try:
-        return version("gemma-agent")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,6 +29,11 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="self-contained demo: local broker + daemon + one question over MQTT")
     demo.add_argument("question", nargs="?", default="Write one sentence about the sea.",
                       help="the question to publish")
+    ha = sub.add_parser("ha", help="Home Assistant: remove this device's discovery (retained) from the broker")
+    ha.add_argument("action", choices=["remove"])
+    from models.fetch import add_cli
+
+    add_cli(sub)
     return p
 
 
@@ -50,6 +47,11 @@ def load_config(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "models":  # needs no agent config: works before one exists
+        from models.fetch import run_cli
+
+        logs.setup(args.log_level or "info")
+        return int(run_cli(args))
     try:
         cfg = load_config(args)
     except ConfigError as exc:
@@ -132,4 +134,16 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
     return run_demo(cfg, args.question)
 
 
-COMMANDS = {"run": cmd_run, "ask": cmd_ask, "check": cmd_check, "demo": cmd_demo}
+def cmd_ha(cfg: Config, _args: argparse.Namespace) -> int:
+    from agent.discovery import discovery_topic
+    from agent.publisher import remove_retained
+
+    problem = remove_retained(cfg.mqtt, f"gemma-agent-{cfg.device_id}", discovery_topic(cfg))
+    if problem:
+        log.error("%s", problem)
+        return exitcodes.FAILURE
+    print(f"removed Home Assistant discovery: {discovery_topic(cfg)}")
+    return exitcodes.OK
+
+
+COMMANDS = {"run": cmd_run, "ask": cmd_ask, "check": cmd_check, "demo": cmd_demo, "ha": cmd_ha}

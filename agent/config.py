@@ -136,6 +136,34 @@ class VadConfig:
 
 
 @dataclass
+class ConversationConfig:
+    max_exchanges: int = opt(6, 0, 100)
+    idle_reset: float = opt(300.0, 0.0, 86400.0)
+
+
+@dataclass
+class OutboxConfig:
+    path: str = ""
+    max_messages: int = opt(1000, 1, 1_000_000)
+    max_bytes: int = opt(8 << 20, 4096, 1 << 30)
+    max_age: float = opt(7 * 86400.0, 60.0, 365 * 86400.0)
+
+
+@dataclass
+class HealthConfig:
+    interval: float = opt(30.0, 1.0, 3600.0)
+    prometheus_port: int = opt(0, 0, 65535)
+    prometheus_bind: str = "127.0.0.1"
+
+
+@dataclass
+class HomeAssistantConfig:
+    enabled: bool = True
+    discovery_prefix: str = opt("homeassistant", pattern=r"^[A-Za-z0-9_/-]{1,64}$")
+    camera_entity: bool = False
+
+
+@dataclass
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -149,6 +177,10 @@ class Config:
     motion: MotionConfig = field(default_factory=MotionConfig)
     microphone: MicrophoneConfig = field(default_factory=MicrophoneConfig)
     vad: VadConfig = field(default_factory=VadConfig)
+    conversation: ConversationConfig = field(default_factory=ConversationConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
@@ -159,6 +191,15 @@ class Config:
             return self.device.id
         derived = re.sub(r"[^a-z0-9_-]+", "_", socket.gethostname().lower()).strip("_")
         return (derived or "gemma")[:64]
+
+    def outbox_path(self, environ: typing.Mapping[str, str] | None = None) -> Path:
+        """outbox.path, or outbox-<device id>.sqlite3 in $STATE_DIRECTORY (systemd) / ~/.local/state/gemma-agent."""
+        if self.outbox.path:
+            return Path(self.outbox.path)
+        env = os.environ if environ is None else environ
+        state = env.get("STATE_DIRECTORY", "").split(":")[0]
+        base = Path(state) if state else Path.home() / ".local" / "state" / "gemma-agent"
+        return base / f"outbox-{self.device_id}.sqlite3"
 
 
 class _Override(str):

@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import MqttConfig
+from agent.outbox import Outbox
 
 log = logging.getLogger("agent.mqtt")
 
@@ -40,10 +41,13 @@ class Topics:
         self.event = f"{base}/event"
         self.health = f"{base}/health"
         self.error = f"{base}/error"
+        self.reset = f"{base}/reset"
+        self.listen = f"{base}/listen"
+        self.snapshot = f"{base}/snapshot"
 
     @property
     def inbound(self) -> tuple[str, ...]:
-        return (self.ask, self.describe)
+        return (self.ask, self.describe, self.reset, self.listen)
 
 
 Handler = Callable[[str, bytes], None]
@@ -62,9 +66,10 @@ def make_client(cfg: MqttConfig, client_id: str, persistent: bool = False) -> mq
     return client
 
 
-def probe_broker(cfg: MqttConfig, client_id: str, timeout: float = 5.0) -> str | None:
-    """Connect once and disconnect; None when the broker accepted us, else why not."""
-    client = make_client(cfg, f"{client_id}-check")
+def _one_shot(cfg: MqttConfig, client_id: str, topic: str | None, timeout: float) -> str | None:
+    """Connect once, optionally publish an empty retained message to `topic` (which deletes the retained one),
+    and disconnect; None on success, else why not."""
+    client = make_client(cfg, client_id)
     outcome: list[str] = []
     done = threading.Event()
 
@@ -81,34 +86,55 @@ def probe_broker(cfg: MqttConfig, client_id: str, timeout: float = 5.0) -> str |
     try:
         if not done.wait(timeout):
             return f"no answer from {cfg.host}:{cfg.port} within {timeout:.0f}s"
-        return f"the broker refused us: {outcome[0]}" if outcome[0] else None
+        if outcome[0]:
+            return f"the broker refused us: {outcome[0]}"
+        if topic is not None:
+            client.publish(topic, b"", qos=1, retain=True).wait_for_publish(timeout)
+        return None
     finally:
         client.disconnect()
         client.loop_stop()
 
 
-class Publisher:
-    """One MQTT connection: availability, inbound requests, outbound JSON."""
+def probe_broker(cfg: MqttConfig, client_id: str, timeout: float = 5.0) -> str | None:
+    """Connect once and disconnect; None when the broker accepted us, else why not."""
+    return _one_shot(cfg, f"{client_id}-check", None, timeout)
 
-    def __init__(self, cfg: MqttConfig, device_id: str, handler: Handler) -> None:
+
+def remove_retained(cfg: MqttConfig, client_id: str, topic: str, timeout: float = 5.0) -> str | None:
+    """Delete a retained message (an empty retained payload replaces it)."""
+    return _one_shot(cfg, f"{client_id}-admin", topic, timeout)
+
+
+class Publisher:
+    """One MQTT connection: availability, inbound requests, outbound JSON (durable through the outbox)."""
+
+    def __init__(self, cfg: MqttConfig, device_id: str, handler: Handler, outbox: Outbox | None = None,
+                 extra_subscriptions: tuple[str, ...] = ()) -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.prefix, device_id)
         self.client_id = f"gemma-agent-{device_id}"
+        self.outbox = outbox
         self._handler = handler
+        self._subscriptions = self.topics.inbound + extra_subscriptions
         self.connected = threading.Event()
         self.connects = 0
         self.disconnects = 0
         self.last_error = ""
         self._closing = False
+        self._lock = threading.Lock()
+        self._in_flight: dict[int, int] = {}  # paho mid -> outbox seq, until PUBACK
+        self._early_acks: set[int] = set()  # PUBACKs that beat us to recording their mid
+        self.on_connected: list[Callable[[], None]] = []
         client = make_client(cfg, self.client_id, persistent=True)
         client.enable_logger(logging.getLogger("agent.mqtt.paho"))
         client.reconnect_delay_set(min_delay=max(1, round(cfg.reconnect_min)),
                                    max_delay=max(1, round(cfg.reconnect_max)))
-        client.max_queued_messages_set(1000)
         client.will_set(self.topics.availability, OFFLINE, qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         self.client = client
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -121,30 +147,76 @@ class Publisher:
         self.client.loop_start()
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Publish `offline` (retained), wait briefly for it to leave, then disconnect."""
+        """Publish `offline` (retained), wait briefly for it and for in-flight messages, then disconnect."""
         self._closing = True
         if self.connected.is_set():
             info = self.client.publish(self.topics.availability, OFFLINE, qos=1, retain=True)
+            end = time.monotonic() + timeout
             try:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError) as exc:
                 log.warning("offline status not confirmed: %s", exc)
+            while self._in_flight and time.monotonic() < end:
+                time.sleep(0.02)
         self.client.disconnect()
         self.client.loop_stop()
-        log.info("disconnected from the broker")
+        left = len(self.outbox) if self.outbox is not None else 0
+        log.info("disconnected from the broker%s", f"; {left} message(s) wait in the outbox" if left else "")
 
     # --- outbound ----------------------------------------------------------------------------------
 
-    def publish_json(self, topic: str, payload: dict[str, Any], qos: int = 1, retain: bool = False) -> None:
-        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    def publish_json(self, topic: str, payload: dict[str, Any], qos: int = 1, retain: bool = False,
+                     durable: bool = False) -> None:
+        """Publish JSON. `durable`: written to the outbox first and kept until the broker acknowledges it."""
+        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        if durable and self.outbox is not None and qos > 0:
+            seq = self.outbox.put(topic, data, qos, retain)
+            if self.connected.is_set():
+                self._send(seq, topic, data, qos, retain)
+            return
         info = self.client.publish(topic, data, qos=qos, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.warning("publish to %s failed: %s", topic, mqtt.error_string(info.rc))
 
     def publish_error(self, request_id: str | None, code: str, detail: str, **extra: Any) -> None:
+        """An `error` reply, and the matching Home Assistant event."""
         log.info("error reply id=%s %s: %s", request_id, code, detail)
-        self.publish_json(self.topics.error, {"id": request_id, "error": code, "detail": detail, **extra,
-                                              "ts": round(time.time(), 3)})
+        payload = {"id": request_id, "error": code, "detail": detail, **extra}
+        self.publish_json(self.topics.error, {**payload, "ts": round(time.time(), 3)}, durable=True)
+        self.publish_event("error", payload)
+
+    def publish_event(self, event_type: str, data: dict[str, Any]) -> None:
+        """A Home Assistant `event` entity message: {"event_type": ..., ...}."""
+        self.publish_json(self.topics.event, {"event_type": event_type, **data, "ts": round(time.time(), 3)},
+                          durable=True)
+
+    def _send(self, seq: int, topic: str, data: bytes, qos: int, retain: bool) -> None:
+        """Hand an outbox message to paho; its PUBACK (on_publish) removes it from the outbox."""
+        info = self.client.publish(topic, data, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.warning("publish to %s failed: %s; kept in the outbox", topic, mqtt.error_string(info.rc))
+            return
+        with self._lock:  # paho calls on_publish under its own lock: never call paho while holding ours
+            if info.mid in self._early_acks:
+                self._early_acks.discard(info.mid)
+                acked = True
+            else:
+                self._in_flight[info.mid] = seq
+                acked = False
+        if acked and self.outbox is not None:
+            self.outbox.ack(seq)
+
+    def _flush_outbox(self) -> None:
+        """Send what the outbox holds that paho is not already retrying (left from outages and restarts)."""
+        if self.outbox is None:
+            return
+        with self._lock:
+            in_flight = set(self._in_flight.values())
+        pending = [m for m in self.outbox.pending() if m.seq not in in_flight]
+        if pending:
+            log.info("delivering %d message(s) from the outbox", len(pending))
+        for m in pending:
+            self._send(m.seq, m.topic, m.payload, m.qos, m.retain)
 
     # --- paho callbacks (paho's network thread: never block here) -----------------------------------
 
@@ -154,10 +226,13 @@ class Publisher:
             log.warning("broker refused the connection: %s", reason)
             return
         self.connects += 1
-        client.subscribe([(topic, 1) for topic in self.topics.inbound])
+        client.subscribe([(topic, 1) for topic in self._subscriptions])
         client.publish(self.topics.availability, ONLINE, qos=1, retain=True)
         self.connected.set()
         log.info("connected to the broker (connection %d); serving %s/#", self.connects, self.topics.base)
+        self._flush_outbox()
+        for callback in self.on_connected:
+            callback()
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         was_connected = self.connected.is_set()
@@ -166,6 +241,14 @@ class Publisher:
             self.disconnects += 1
             self.last_error = str(reason)
             log.warning("lost the broker (%s); reconnecting with backoff", reason)
+
+    def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, _reason: Any, _props: Any) -> None:
+        with self._lock:
+            seq = self._in_flight.pop(mid, None)
+            if seq is None:
+                self._early_acks.add(mid)
+        if seq is not None and self.outbox is not None:
+            self.outbox.ack(seq)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:

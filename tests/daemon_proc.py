@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -15,12 +16,14 @@ class DaemonProcess:
     def __init__(self, broker_port: int, model: Path, *overrides: str, config: Path | None = None,
                  cwd: Path = ROOT) -> None:
         self.device_id = f"t{uuid.uuid4().hex[:8]}"
+        self.state_dir = Path(tempfile.mkdtemp(prefix="gemma-agent-state-"))
         self.base = f"gemma_agent/{self.device_id}"
         self.args = [
             "--config", str(config or ROOT / "config" / "agent.yaml"),
             "--set", f"model.path={model}", "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={broker_port}",
             "--set", f"device.id={self.device_id}", "--set", "model.temperature=0", "--set", "model.max_tokens=16",
             "--set", "mqtt.keepalive=5", "--set", "mqtt.reconnect_max=2",
+            "--set", f"outbox.path={self.state_dir / 'outbox.sqlite3'}",
         ]
         for item in overrides:
             self.args += ["--set", item]
