@@ -36,7 +36,7 @@ def daemon_port(client: Client) -> int:
 
 def discovery(client: Client, device_id: str) -> dict[str, object]:
     topic = f"homeassistant/device/{device_id}/config"
-    return payload_json(client.wait_for(topic, lambda m: bool(m.payload))[-1])  # type: ignore[no-any-return]
+    return payload_json(client.wait_for(topic, lambda m: bool(m.payload))[-1])
 
 
 def test_discovery_payload_names_only_served_topics(agent_with_ha: tuple[DaemonProcess, Client, int]) -> None:
