@@ -19,9 +19,11 @@ from agent.discovery import discovery_payload, discovery_topic
 from agent.health import MetricsServer, cgroup_memory, process_memory
 from agent.messages import PayloadError, parse_ask
 from agent.modelfile import ModelFileError, verify
+from agent.motion import MotionEvent
 from agent.outbox import Outbox
 from agent.publisher import Publisher
 from agent.sdnotify import Heartbeat, Notifier, Watchdog
+from agent.senses import Heard, Senses
 
 log = logging.getLogger("agent.daemon")
 HA_STATUS = "homeassistant/status"
@@ -79,6 +81,7 @@ class Daemon:
         self.health_beat = Heartbeat()
         self.watchdog = Watchdog(self.notifier)
         self.metrics: MetricsServer | None = None
+        self.senses: Senses | None = None
 
     def request_stop(self, *_args: Any) -> None:
         self.stopping.set()
@@ -104,12 +107,15 @@ class Daemon:
         self.sink = MqttSink(self.publisher)
         self.publisher.on_connected.append(self._on_connected)
         self.publisher.start()
+        self.senses = Senses(cfg, self.on_motion, self.on_heard)
+        self.senses.start()
         threading.Thread(target=self._health_loop, name="health", daemon=True).start()
         if cfg.health.prometheus_port:
             self.metrics = MetricsServer(cfg.health.prometheus_bind, cfg.health.prometheus_port, self.health)
             self.metrics.start()
         self.watchdog.add("model", self._engine_progressing)
         self.watchdog.add("health", self.health_beat.probe(2 * cfg.health.interval + 10))
+        self.watchdog.add("microphone", self.senses.listening)
         self.watchdog.start()
         status = f"ready: {cfg.model.path} on mqtt://{cfg.mqtt.host}:{cfg.mqtt.port} as {self.publisher.topics.base}"
         self.notifier.ready(status=status)
@@ -123,6 +129,8 @@ class Daemon:
         self.notifier.stopping()
         self.watchdog.stop()
         assert self.engine is not None and self.publisher is not None and self.outbox is not None
+        if self.senses is not None:
+            self.senses.stop()
         clean = self.engine.stop(timeout=3.0)
         if not clean:
             log.warning("the running turn did not stop in time")
@@ -178,6 +186,23 @@ class Daemon:
         except EngineError as exc:
             self.publisher.publish_error(request.id, exc.code, exc.detail, source=request.source)
 
+    # --- perception ------------------------------------------------------------------------------------
+
+    def on_motion(self, event: MotionEvent) -> None:
+        """Called on the camera's grabber thread: publish and return."""
+        assert self.publisher is not None
+        payload = event.payload()
+        self.publisher.publish_event(str(payload.pop("event_type")), payload)
+
+    def on_heard(self, heard: Heard) -> None:
+        """Called on the listen thread for each utterance the VAD cut out."""
+        assert self.publisher is not None
+        transcript = {"id": new_id(), "text": None, "start": round(heard.start, 3), "end": round(heard.end, 3),
+                      "duration": round(heard.end - heard.start, 3)}
+        log.info("heard an utterance of %.2fs", heard.end - heard.start)
+        self.publisher.publish_json(self.publisher.topics.transcript, transcript, durable=True)
+        self.publisher.publish_event("transcript", transcript)
+
     def _on_connected(self) -> None:
         self.publish_discovery()
         self.publish_health()
@@ -197,9 +222,11 @@ class Daemon:
         engine, publisher, outbox = self.engine, self.publisher, self.outbox
         assert engine is not None and publisher is not None and outbox is not None
         last = engine.last_result
+        senses = self.senses.health() if self.senses is not None else {}
         stages = {
             "model": "busy" if engine.current else ("ok" if engine.alive else "dead"),
             "mqtt": "ok" if publisher.connected.is_set() else "disconnected",
+            **{name: info["state"] for name, info in senses.items()},
         }
         stuck = self.watchdog.stuck
         return {
@@ -213,7 +240,11 @@ class Daemon:
                 "prefill_tps": round(last.prefill_tps, 1), "decode_tps": round(last.decode_tps, 1),
                 "ttft_ms": round(last.ttft_ms, 1), "tokens": last.prompt_tokens + last.completion_tokens},
             "turns": engine.turns_served,
-            "queues": {"model": engine.depth},
+            "queues": {"model": engine.depth,
+                       "audio": senses.get("microphone", {}).get("queued", 0)},
+            "audio_dropped": senses.get("microphone", {}).get("overflows", 0),
+            "camera_fps": senses.get("camera", {}).get("fps", 0.0),
+            **senses,
             "mqtt": {"connected": publisher.connected.is_set(), "reconnects": max(0, publisher.connects - 1),
                      "disconnects": publisher.disconnects},
             "outbox": {"pending": len(outbox), "dropped": outbox.dropped},

@@ -1,0 +1,57 @@
+"""The daemon with real media as its camera and microphone: one transcript per spoken sentence, motion events,
+device states in health, and text asks still served when the microphone fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import Broker, Client, payload_json
+from daemon_proc import DaemonProcess
+from media import compose, espeak, moving_square, write_video, write_wav
+
+SENTENCES = ["Turn on the kitchen lights.", "What is the weather tomorrow?", "Good night."]
+
+
+def spoken_wav(path: Path) -> tuple[Path, int]:
+    clips = [(0.5 + 3.0 * i, espeak(text)) for i, text in enumerate(SENTENCES)]
+    pcm, truths = compose(clips, total_s=10.0, snr_db=30)
+    return write_wav(path, pcm), len(truths)
+
+
+def test_video_and_wav_sources_publish_one_transcript_per_sentence(broker: Broker, gemma270m: Path,
+                                                                   tmp_path: Path) -> None:
+    wav, sentences = spoken_wav(tmp_path / "speech.wav")
+    video = write_video(tmp_path / "door.avi", 60, fps=15.0, frame=moving_square)
+    daemon = DaemonProcess(broker.port, gemma270m, "camera.enabled=true", f"camera.source={video}",
+                           "motion.enabled=true", "motion.cooldown=1", "microphone.enabled=true",
+                           f"microphone.source={wav}", "microphone.realtime=false", "health.interval=1")
+    client = Client(broker.port)
+    client.subscribe(f"{daemon.base}/#")
+    daemon.start(client)
+    transcripts = client.wait_for(f"{daemon.base}/transcript", count=sentences, timeout=60)
+    bodies = [payload_json(m) for m in transcripts]
+    assert all(b["duration"] > 0.3 and b["end"] > b["start"] for b in bodies)
+    assert len({b["id"] for b in bodies}) == sentences
+    client.wait_for(f"{daemon.base}/event", lambda m: payload_json(m)["event_type"] == "motion", timeout=30)
+    health = payload_json(client.wait_for(
+        f"{daemon.base}/health", lambda m: payload_json(m)["stages"].get("camera") == "ok"
+        and payload_json(m)["microphone"]["utterances"] == sentences, timeout=30)[-1])
+    assert health["camera"]["fps"] >= 0 and health["microphone"]["source"].startswith("wav:")
+    daemon.stop()
+    assert len(client.on(f"{daemon.base}/transcript")) == sentences  # exactly one per sentence
+    client.close()
+
+
+def test_failing_microphone_is_reported_and_text_asks_still_work(broker: Broker, gemma270m: Path) -> None:
+    daemon = DaemonProcess(broker.port, gemma270m, "microphone.enabled=true",
+                           "microphone.source=no-such-microphone", "health.interval=1")
+    client = Client(broker.port)
+    client.subscribe(f"{daemon.base}/#")
+    daemon.start(client)
+    health = client.wait_for(f"{daemon.base}/health",
+                             lambda m: payload_json(m)["stages"].get("microphone") == "error", timeout=30)[-1]
+    assert "no-such-microphone" in payload_json(health)["microphone"]["error"]
+    client.publish(f"{daemon.base}/ask", {"id": "still-here", "text": "Hello?"})
+    client.wait_for(f"{daemon.base}/response", lambda m: payload_json(m)["id"] == "still-here")
+    daemon.stop()
+    client.close()
