@@ -123,6 +123,10 @@ class Publisher:
         self.last_error = ""
         self._closing = False
         self._lock = threading.Lock()
+        # Held while an outbox message is stored and handed to paho, and while the outbox is flushed on
+        # (re)connect, so a message is never sent by both. Never taken inside a paho callback that paho calls
+        # under its own locks (on_publish), so it cannot deadlock with paho.
+        self._send_lock = threading.Lock()
         self._in_flight: dict[int, int] = {}  # paho mid -> outbox seq, until PUBACK
         self._early_acks: set[int] = set()  # PUBACKs that beat us to recording their mid
         self.on_connected: list[Callable[[], None]] = []
@@ -170,9 +174,10 @@ class Publisher:
         """Publish JSON. `durable`: written to the outbox first and kept until the broker acknowledges it."""
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         if durable and self.outbox is not None and qos > 0:
-            seq = self.outbox.put(topic, data, qos, retain)
-            if self.connected.is_set():
-                self._send(seq, topic, data, qos, retain)
+            with self._send_lock:
+                seq = self.outbox.put(topic, data, qos, retain)
+                if self.connected.is_set():
+                    self._send(seq, topic, data, qos, retain)
             return
         info = self.client.publish(topic, data, qos=qos, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
@@ -228,9 +233,10 @@ class Publisher:
         self.connects += 1
         client.subscribe([(topic, 1) for topic in self._subscriptions])
         client.publish(self.topics.availability, ONLINE, qos=1, retain=True)
-        self.connected.set()
         log.info("connected to the broker (connection %d); serving %s/#", self.connects, self.topics.base)
-        self._flush_outbox()
+        with self._send_lock:
+            self.connected.set()
+            self._flush_outbox()
         for callback in self.on_connected:
             callback()
 
