@@ -21,8 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agent import memory
 from agent.config import ModelConfig
 from agent.conversation import Conversation
+from agent.projector import Media, Projector, ProjectorError, Prompt
 from agent.prompt import END, ChatTemplate, TemplateProblem, Turn, gemma_prompt
 
 log = logging.getLogger("agent.brain")
@@ -55,6 +57,9 @@ class Request:
     source: str = "ask"
     max_tokens: int | None = None
     remember: bool = True  # part of the conversation (False: a motion-triggered description, say)
+    media: list[Media] = field(default_factory=list)  # images / audio evaluated before the text
+    transcript: str | None = None  # what speech-to-text heard, for speech turns
+    system: str | None = None  # replaces model.system_prompt for this turn (mqtt.allow_remote_system_prompt)
     created: float = field(default_factory=time.monotonic)
 
 
@@ -73,12 +78,17 @@ class Result:
     latency_ms: float
     prefill_tps: float
     decode_tps: float
+    image_tokens: int = 0
+    audio_tokens: int = 0
+    transcript: str | None = None
 
     def payload(self) -> dict[str, Any]:
+        extra = {} if self.transcript is None else {"transcript": self.transcript}
         return {
-            "id": self.id, "text": self.text, "source": self.source, "done": True, "stop": self.stop,
+            "id": self.id, "text": self.text, "source": self.source, "done": True, "stop": self.stop, **extra,
             "tokens": {"prompt": self.prompt_tokens, "cached": self.cached_tokens,
-                       "completion": self.completion_tokens},
+                       "completion": self.completion_tokens, "image": self.image_tokens,
+                       "audio": self.audio_tokens},
             "latency_ms": round(self.latency_ms, 1), "ttft_ms": round(self.ttft_ms, 1),
             "prefill_tps": round(self.prefill_tps, 1), "decode_tps": round(self.decode_tps, 1),
         }
@@ -128,30 +138,48 @@ def route_llama_logs() -> None:
 
     _llama_log_state["cb"] = llama_cpp.llama_log_callback(callback)  # keep a reference: C holds the pointer
     llama_cpp.llama_log_set(_llama_log_state["cb"], ctypes.c_void_p(0))
+    from llama_cpp import mtmd_cpp  # libmtmd (projectors) logs through its own hooks
+
+    mtmd_cpp.mtmd_log_set(_llama_log_state["cb"], ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(_llama_log_state["cb"], ctypes.c_void_p(0))
 
 
 class Model:
     """A loaded GGUF model and the chat format it speaks. Not thread-safe: one owner (the Engine's worker)."""
 
-    def __init__(self, cfg: ModelConfig, path: str | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, path: str | None = None, plan: memory.Plan | None = None) -> None:
+        """`plan` (agent.memory.plan_for) picks mmap, repacking, ubatch, KV cache type and flash attention, and
+        whether cold pages are dropped after loading; without one, llama.cpp's defaults and cfg.n_ubatch."""
         import llama_cpp
 
         self.cfg = cfg
         self.path = path or cfg.path
+        self.plan = plan
         route_llama_logs()
         threads = cfg.n_threads or available_cpus()
+        options: dict[str, Any] = {"n_ubatch": cfg.n_ubatch, "use_mmap": True}
+        if plan is not None:
+            if plan.chosen is None:
+                raise ModelLoadError(plan.refusal())
+            options.update(plan.load_options())
+            log.info("memory plan: %s", plan.summary())
         started = time.monotonic()
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=self.path, n_ctx=cfg.n_ctx, n_batch=cfg.n_batch, n_ubatch=cfg.n_ubatch,
-                n_threads=threads, n_threads_batch=threads, n_gpu_layers=cfg.n_gpu_layers,
-                seed=RANDOM_SEED if cfg.seed < 0 else cfg.seed, use_mmap=True,
-                # A full-size sliding-window cache keeps every position, so a reused prefix stays exact after
-                # long turns (a pruned SWA cache would silently attend over missing positions).
-                swa_full=True, verbose=False,
-            )
+            with memory.model_params(repack=plan is None or plan.chosen is None or plan.chosen.setting.repack):
+                self.llm = llama_cpp.Llama(
+                    model_path=self.path, n_ctx=cfg.n_ctx, n_batch=cfg.n_batch,
+                    n_threads=threads, n_threads_batch=threads, n_gpu_layers=cfg.n_gpu_layers,
+                    seed=RANDOM_SEED if cfg.seed < 0 else cfg.seed,
+                    # A full-size sliding-window cache keeps every position, so a reused prefix stays exact after
+                    # long turns (a pruned SWA cache would silently attend over missing positions).
+                    swa_full=True, verbose=False, **options,
+                )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"{self.path}: llama.cpp could not load the model: {exc}") from None
+        if plan is not None and plan.release_cold and plan.chosen is not None:
+            dropped = memory.release_cold_pages(self.path, plan.chosen)
+            log.info("dropped %.0f MiB of cold model pages (per-layer embeddings, repacked weights' file copy)",
+                     dropped / memory.MiB)
         self.load_seconds = time.monotonic() - started
         self._vocab = self.llm._model.vocab
         self._is_eog = llama_cpp.llama_vocab_is_eog
@@ -162,8 +190,37 @@ class Model:
         self._no_abort_cb = llama_cpp.ggml_abort_callback()
         self._set_abort = llama_cpp.llama_set_abort_callback
         self.template = self._load_template()
+        self.threads = threads
+        self._projector: Projector | None = None
+        self.projector_used = 0.0
         log.info("model loaded: %s in %.2fs (n_ctx %d, threads %d, chat format %s)", self.path,
                  self.load_seconds, cfg.n_ctx, threads, "GGUF template" if self.template else "built-in Gemma")
+
+    def projector(self) -> Projector:
+        """The model.mmproj projector, loaded on first use."""
+        if self._projector is None:
+            if not self.cfg.mmproj:
+                raise EngineError("no_projector", "this model has no projector (model.mmproj is not set): it "
+                                  "cannot take images or audio")
+            try:
+                self._projector = Projector(self.cfg.mmproj, self.llm, self.threads, self.cfg.n_gpu_layers != 0)
+            except ProjectorError as exc:
+                raise EngineError("projector_error", str(exc)) from None
+        self.projector_used = time.monotonic()
+        return self._projector
+
+    @property
+    def projector_loaded(self) -> bool:
+        return self._projector is not None
+
+    def release_projector(self) -> bool:
+        """Free the projector's memory (it is loaded again on next use); True if one was loaded."""
+        if self._projector is None:
+            return False
+        self._projector.close()
+        self._projector = None
+        log.info("projector released after %.0fs unused", time.monotonic() - self.projector_used)
+        return True
 
     def _single_token(self, text: str) -> int | None:
         ids = self.llm.tokenize(text.encode(), add_bos=False, special=True)
@@ -220,7 +277,28 @@ class Model:
         cfg = self.cfg
         started = time.monotonic()
         deadline = started + cfg.deadline
-        tokens = self.tokenize(self.render(turns or [Turn("user", request.text)]))
+        turns = list(turns or [Turn("user", request.text)])
+        prompt: Prompt | None = None
+        if request.media:
+            projector = self.projector()
+            marked = projector.marker * len(request.media) + turns[-1].text
+            turns[-1] = Turn("user", marked)
+            try:
+                prompt = projector.prompt(self.render(turns, request.system), request.media)
+            except ProjectorError as exc:
+                raise EngineError("projector_error", str(exc)) from None
+            tokens = prompt.tokens
+        else:
+            tokens = self.tokenize(self.render(turns, request.system))
+        try:
+            return self._run(request, tokens, prompt, started, deadline, on_delta, cancel)
+        finally:
+            if prompt is not None:
+                prompt.close()
+
+    def _run(self, request: Request, tokens: list[int], prompt: Prompt | None, started: float, deadline: float,
+             on_delta: Callable[[str, int], None] | None, cancel: threading.Event | None) -> Result:
+        cfg = self.cfg
         room = self.n_ctx - len(tokens)
         if room < 2:
             raise EngineError("prompt_too_long", f"the prompt is {len(tokens)} tokens; the context is {self.n_ctx}")
@@ -233,6 +311,8 @@ class Model:
         # The abort callback runs per graph node: armed for the prompt only, where one decode can take seconds.
         self._set_abort(self.llm._ctx.ctx, self._abort_cb, None)
         try:
+            if prompt is not None:
+                self._feed_media(prompt)
             for token in self.llm.generate(
                 tokens, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, temp=cfg.temperature,
                 repeat_penalty=cfg.repeat_penalty, reset=True,
@@ -278,7 +358,40 @@ class Model:
             ttft_ms=prefill_s * 1000, latency_ms=(ended - started) * 1000,
             prefill_tps=(len(tokens) - cached) / prefill_s if prefill_s > 0 else 0.0,
             decode_tps=(n_out - 1) / decode_s if n_out > 1 and decode_s > 0 else 0.0,
+            image_tokens=prompt.media_tokens("image") if prompt else 0,
+            audio_tokens=prompt.media_tokens("audio") if prompt else 0,
+            transcript=request.transcript,
         )
+
+    def _feed_media(self, prompt: Prompt) -> None:
+        """Evaluate every piece before the last text piece that the KV cache does not already hold.
+
+        Media pieces stand in the token bookkeeping as a run of one negative pseudo-token derived from their
+        content, so an identical image is reused and a different one never is; `llm.generate` then finds the
+        whole prefix cached and evaluates only the final text.
+        """
+        llm = self.llm
+        tokens = prompt.tokens
+        keep = self.cached_prefix(tokens)
+        pos = 0
+        for piece in prompt.pieces:  # never keep half of a media chunk
+            if piece.kind != "text" and pos < keep < pos + len(piece.tokens):
+                keep = pos
+            pos += len(piece.tokens)
+        llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+        llm.n_tokens = keep
+        llm._requires_eval = True  # the logits are stale now: generate() must evaluate at least one token
+        pos = 0
+        for piece in prompt.pieces[:-1]:
+            end = pos + len(piece.tokens)
+            if end > keep:
+                if piece.kind == "text":
+                    llm.eval(piece.tokens[max(0, keep - pos):])
+                else:
+                    new_n_past = self.projector().evaluate(piece, llm._ctx.ctx, llm.n_tokens, llm.n_batch)
+                    llm.input_ids[llm.n_tokens:new_n_past] = piece.tokens[0]
+                    llm.n_tokens = new_n_past
+            pos = end
 
     def close(self) -> None:
         self.llm.close()
@@ -290,9 +403,12 @@ _STOP = object()
 class Engine:
     """A worker thread serving requests one at a time from a bounded queue."""
 
-    def __init__(self, model: Model, queue_size: int, conversation: Conversation | None = None) -> None:
+    def __init__(self, model: Model, queue_size: int, conversation: Conversation | None = None,
+                 projector_idle: float | None = None) -> None:
+        """`projector_idle`: release the projector after this many seconds without a media turn (None: keep)."""
         self.model = model
         self.conversation = conversation
+        self.projector_idle = projector_idle
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._work, name="engine", daemon=True)
@@ -325,7 +441,11 @@ class Engine:
 
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=None if self.projector_idle is None else 1.0)
+            except queue.Empty:
+                self._release_idle_projector()
+                continue
             if item is _STOP:
                 return
             request, sink = item
@@ -351,6 +471,12 @@ class Engine:
                 self.current = None
                 self.progress_at = time.monotonic()
 
+    def _release_idle_projector(self) -> None:
+        idle = self.projector_idle
+        if idle is not None and self.model.projector_used and time.monotonic() - self.model.projector_used > idle:
+            self.model.release_projector()
+            self.model.projector_used = 0.0
+
     def _turns(self, request: Request) -> list[Turn]:
         """The conversation so far plus this question, dropping the oldest exchanges until the answer fits."""
         question = Turn("user", request.text)
@@ -359,7 +485,7 @@ class Engine:
         budget = request.max_tokens or self.model.cfg.max_tokens
         while True:
             turns = [*self.conversation.history(), question]
-            if len(self.model.tokenize(self.model.render(turns))) + budget <= self.model.n_ctx:
+            if len(self.model.tokenize(self.model.render(turns, request.system))) + budget <= self.model.n_ctx:
                 return turns
             if not self.conversation.forget_oldest():
                 return turns

@@ -105,6 +105,7 @@ def cmd_ask(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_check(cfg: Config, _args: argparse.Namespace) -> int:
+    from agent import memory
     from agent.modelfile import ModelFileError, describe, verify
     from agent.publisher import Topics, probe_broker
 
@@ -117,6 +118,11 @@ def cmd_check(cfg: Config, _args: argparse.Namespace) -> int:
         print("\n".join(describe(info)))
         print(f"would load  n_ctx {cfg.model.n_ctx}, n_batch {cfg.model.n_batch}, n_ubatch {cfg.model.n_ubatch}, "
               f"threads {cfg.model.n_threads or 'all'}, mmap on" + (", sha256 pinned" if cfg.model.sha256 else ""))
+        plan = memory.plan(info, cfg.model, cfg.memory,
+                           projector=verify(cfg.model.mmproj) if cfg.model.mmproj else None)
+        print("\n".join(plan.lines()))
+        if plan.chosen is None:
+            code = exitcodes.EX_DATAERR  # the daemon would refuse to load it (brain.ModelLoadError)
     except ModelFileError as exc:
         print(f"model       PROBLEM: {exc}")
         code = exitcodes.EX_NOINPUT if exc.missing else exitcodes.EX_DATAERR

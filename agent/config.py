@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import reprlib
 import socket
 import stat
 import types
@@ -28,13 +29,13 @@ TOPIC_SAFE = r"^[A-Za-z0-9_-]{1,64}$"
 class ConfigError(Exception):
     """A configuration problem, worded for the person who wrote the config."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))  # one line, whatever a value or a library message held
+
 
 def opt(default: Any, lo: float | None = None, hi: float | None = None, pattern: str | None = None) -> Any:
     """A dataclass field with an inclusive range or a regular expression the value must match."""
-    meta = {"min": lo, "max": hi, "pattern": pattern}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata={"min": lo, "max": hi, "pattern": pattern})
 
 
 @dataclass
@@ -89,6 +90,7 @@ class MqttConfig:
     max_payload: int = opt(4096, 64, 1048576)
     reconnect_min: float = opt(1.0, 0.1, 600.0)
     reconnect_max: float = opt(60.0, 0.1, 3600.0)
+    allow_remote_system_prompt: bool = False
     tls: TlsConfig = field(default_factory=TlsConfig)
 
 
@@ -136,6 +138,40 @@ class VadConfig:
 
 
 @dataclass
+class VisionConfig:
+    attach: Literal["always", "never", "on_request"] = "on_request"
+    max_frame_age: float = opt(2.0, 0.05, 3600.0)
+    describe_prompt: str = "Describe what the camera sees in one or two short sentences."
+    motion_describe: bool = False
+    motion_cooldown: float = opt(60.0, 0.0, 86400.0)
+    keep_loaded: bool = True
+    idle_release: float = opt(300.0, 1.0, 86400.0)
+
+
+@dataclass
+class ListenConfig:
+    trigger: Literal["always", "wake_phrase", "mqtt", "motion"] = "always"
+    wake_phrases: list[str] = field(default_factory=lambda: ["hey gemma", "ok gemma"])
+    window: float = opt(10.0, 1.0, 3600.0)
+    follow_up: float = opt(8.0, 0.0, 3600.0)
+    speech: Literal["auto", "native", "whisper"] = "auto"
+    audio_prompt: str = ""
+
+
+@dataclass
+class WhisperConfig:
+    model: str = "models/ggml-base.en.bin"
+    language: str = opt("en", pattern=r"^(auto|[a-z]{2,3})$")
+    threads: int = opt(0, 0, 256)
+
+
+@dataclass
+class LimitsConfig:
+    asks_per_minute: int = opt(60, 0, 100_000)
+    sender_asks_per_minute: int = opt(20, 0, 100_000)
+
+
+@dataclass
 class ConversationConfig:
     max_exchanges: int = opt(6, 0, 100)
     idle_reset: float = opt(300.0, 0.0, 86400.0)
@@ -164,6 +200,18 @@ class HomeAssistantConfig:
 
 
 @dataclass
+class MemoryConfig:
+    limit_mib: int = opt(2048, 0, 1 << 24)
+    margin_mib: int = opt(256, 0, 1 << 20)
+    mode: Literal["auto", "manual"] = "auto"
+    repack: Literal["auto"] | bool = "auto"
+    kv_type: Literal["auto", "f16", "q8_0"] = "auto"
+    flash_attn: Literal["auto"] | bool = "auto"
+    projector: Literal["auto", "resident", "on_demand"] = "auto"
+    release_cold: Literal["auto"] | bool = "auto"
+
+
+@dataclass
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -172,12 +220,17 @@ class LogConfig:
 class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     camera: CameraConfig = field(default_factory=CameraConfig)
     motion: MotionConfig = field(default_factory=MotionConfig)
     microphone: MicrophoneConfig = field(default_factory=MicrophoneConfig)
     vad: VadConfig = field(default_factory=VadConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    whisper: WhisperConfig = field(default_factory=WhisperConfig)
     conversation: ConversationConfig = field(default_factory=ConversationConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
@@ -263,14 +316,16 @@ def _mark(mark: yaml.Mark | None) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown position"
 
 
-def _index_lines(node: yaml.Node | None, prefix: str, lines: dict[str, int]) -> None:
-    """Record the 1-based line of every mapping key, by dotted path."""
-    if not isinstance(node, yaml.MappingNode):
+def _index_lines(node: yaml.Node | None, prefix: str, lines: dict[str, int], seen: set[int] | None = None) -> None:
+    """Record the 1-based line of every mapping key, by dotted path (an aliased mapping only once: no alias bomb)."""
+    seen = set() if seen is None else seen
+    if not isinstance(node, yaml.MappingNode) or id(node) in seen:
         return
+    seen.add(id(node))
     for key_node, value_node in node.value:
         dotted = f"{prefix}{key_node.value}"
         lines.setdefault(dotted, key_node.start_mark.line + 1)
-        _index_lines(value_node, dotted + ".", lines)
+        _index_lines(value_node, dotted + ".", lines, seen)
 
 
 def _put(data: dict[str, Any], keys: list[str], value: Any, origin: str) -> None:
@@ -388,8 +443,12 @@ def _describe(hint: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60  # bounded even for YAML alias bombs
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     text = text if len(text) <= 60 else text[:57] + "..."
     return f"{text} ({type(value).__name__})"
 
@@ -421,7 +480,7 @@ def read_secret_file(path: str, key: str) -> str:
             raise ConfigError(f"{key}: {path} is readable by others (mode {stat.filemode(info.st_mode)}); "
                               "chmod 600 it")
         return Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL in the path
         raise ConfigError(f"{key}: cannot read {path}: {exc}") from None
 
 

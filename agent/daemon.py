@@ -9,19 +9,21 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from agent import exitcodes, package_version
-from agent.brain import Engine, EngineError, Model, ModelLoadError, Request, Result, new_id
-from agent.config import Config
+from agent.brain import Engine, EngineError, Model, ModelLoadError, Request, Result
+from agent.config import Config, ConfigError
 from agent.conversation import Conversation
 from agent.discovery import discovery_payload, discovery_topic
 from agent.health import MetricsServer, cgroup_memory, process_memory
-from agent.messages import PayloadError, parse_ask
+from agent.listen import Listener, SpeechToText, SpeechToTextError, TurnPolicy
 from agent.modelfile import ModelFileError, verify
 from agent.motion import MotionEvent
 from agent.outbox import Outbox
 from agent.publisher import Publisher
+from agent.router import Caps, Router
 from agent.sdnotify import Heartbeat, Notifier, Watchdog
 from agent.senses import Heard, Senses
 
@@ -34,8 +36,9 @@ class MqttSink:
     """Turn output to the topic contract: stream partials (QoS 0), one final response or one error (QoS 1,
     through the outbox), and the matching Home Assistant event."""
 
-    def __init__(self, publisher: Publisher) -> None:
+    def __init__(self, publisher: Publisher, after_answer: Callable[[], None] = lambda: None) -> None:
         self.publisher = publisher
+        self.after_answer = after_answer
 
     def on_delta(self, request: Request, delta: str, index: int) -> None:
         self.publisher.publish_json(self.publisher.topics.stream, {"id": request.id, "delta": delta, "index": index},
@@ -46,11 +49,12 @@ class MqttSink:
                  result.source, result.stop, result.prompt_tokens, result.completion_tokens, result.ttft_ms,
                  result.decode_tps)
         payload = {**result.payload(), "ts": round(time.time(), 3)}
-        self.publisher.publish_json(self.publisher.topics.response, payload, durable=True)
+        self.publisher.publish_json(self.publisher.topics.response, payload, durable=True, settles=request.id)
         self.publisher.publish_event("response", {"id": result.id, "text": result.text, "source": result.source})
+        self.after_answer()
 
     def on_error(self, request: Request, code: str, detail: str) -> None:
-        self.publisher.publish_error(request.id, code, detail, source=request.source)
+        self.publisher.publish_error(request.id, code, detail, settles=True, source=request.source)
 
 
 def load_model(cfg: Config) -> Model:
@@ -59,6 +63,19 @@ def load_model(cfg: Config) -> Model:
     log.info("model file ok: %s (%s, %.1f MiB, %d tensors)", cfg.model.path, info.arch, info.size / 2**20,
              len(info.tensors))
     return Model(cfg.model)
+
+
+def probe_projector(model: Model, cfg: Config) -> Caps:
+    """Load model.mmproj once at start to learn what it takes (libmtmd's own answer, not the file's claims);
+    keep it loaded only when vision.keep_loaded. A projector that will not load stops the start (exit 65)."""
+    if not cfg.model.mmproj:
+        return Caps()
+    verify(cfg.model.mmproj)
+    projector = model.projector()
+    caps = Caps(vision=projector.vision, audio=projector.audio)
+    if not cfg.vision.keep_loaded:
+        model.release_projector()
+    return caps
 
 
 def model_exit_code(exc: Exception) -> int:
@@ -78,10 +95,13 @@ class Daemon:
         self.engine: Engine | None = None
         self.publisher: Publisher | None = None
         self.outbox: Outbox | None = None
+        self.senses: Senses | None = None
+        self.listener: Listener | None = None
+        self.router: Router | None = None
+        self.speech_mode = "off"
         self.health_beat = Heartbeat()
         self.watchdog = Watchdog(self.notifier)
         self.metrics: MetricsServer | None = None
-        self.senses: Senses | None = None
 
     def request_stop(self, *_args: Any) -> None:
         self.stopping.set()
@@ -94,20 +114,36 @@ class Daemon:
         try:
             with self.notifier.extending(60, limit=MODEL_LOAD_LIMIT):
                 model = load_model(cfg)
-        except (ModelFileError, ModelLoadError) as exc:
+                caps = probe_projector(model, cfg)
+        except (ModelFileError, ModelLoadError, EngineError) as exc:
             log.error("%s", exc)
             self.notifier.status(f"failed: {exc}")
             return model_exit_code(exc)
         conversation = Conversation(cfg.conversation.max_exchanges, cfg.conversation.idle_reset)
-        self.engine = Engine(model, cfg.model.queue_size, conversation)
-        self.engine.start()
+        self.engine = Engine(model, cfg.model.queue_size, conversation,
+                             projector_idle=None if cfg.vision.keep_loaded else cfg.vision.idle_release)
         self.outbox = Outbox(cfg.outbox_path(), cfg.outbox.max_messages, cfg.outbox.max_bytes, cfg.outbox.max_age)
         extra = (HA_STATUS,) if cfg.homeassistant.enabled else ()
         self.publisher = Publisher(cfg.mqtt, cfg.device_id, self.on_message, self.outbox, extra)
-        self.sink = MqttSink(self.publisher)
+        for request_id, source in self.outbox.interrupted():
+            self.publisher.publish_error(request_id, "interrupted", "the daemon stopped (a crash or a power cut) "
+                                         "while this request was waiting or being answered; ask again",
+                                         source=source)
+        policy = TurnPolicy(cfg.listen)
+        self.sink = MqttSink(self.publisher, after_answer=policy.answered)
+        self.senses = Senses(cfg, self.on_motion, self.on_heard)
+        self.router = Router(cfg, self.engine, self.publisher, self.sink, self.senses, policy, caps)
+        if cfg.microphone.enabled:
+            try:
+                self.listener = self.make_listener(policy, caps, model.threads)
+            except ConfigError as exc:
+                log.error("config error: %s", exc)
+                return exitcodes.EX_CONFIG
+        self.engine.start()
         self.publisher.on_connected.append(self._on_connected)
         self.publisher.start()
-        self.senses = Senses(cfg, self.on_motion, self.on_heard)
+        if self.listener is not None:
+            self.listener.start()
         self.senses.start()
         threading.Thread(target=self._health_loop, name="health", daemon=True).start()
         if cfg.health.prometheus_port:
@@ -116,6 +152,8 @@ class Daemon:
         self.watchdog.add("model", self._engine_progressing)
         self.watchdog.add("health", self.health_beat.probe(2 * cfg.health.interval + 10))
         self.watchdog.add("microphone", self.senses.listening)
+        if self.listener is not None:
+            self.watchdog.add("speech", self._speech_progressing)
         self.watchdog.start()
         status = f"ready: {cfg.model.path} on mqtt://{cfg.mqtt.host}:{cfg.mqtt.port} as {self.publisher.topics.base}"
         self.notifier.ready(status=status)
@@ -124,6 +162,30 @@ class Daemon:
             pass
         return self.shutdown()
 
+    def make_listener(self, policy: TurnPolicy, caps: Caps, threads: int) -> Listener:
+        """Native audio when the projector takes audio (listen.speech auto/native), else whisper.cpp; whisper
+        also runs alongside native audio when the wake phrase needs a transcript."""
+        cfg = self.cfg
+        native = caps.audio and cfg.listen.speech in ("auto", "native")
+        if cfg.listen.speech == "native" and not caps.audio:
+            raise ConfigError(f"listen.speech is native, but model.mmproj ({cfg.model.mmproj or 'not set'}) "
+                              "takes no audio")
+        stt = None
+        if not native or cfg.listen.trigger == "wake_phrase":
+            try:
+                stt = SpeechToText(cfg.whisper, cfg.whisper.threads or threads)
+            except SpeechToTextError as exc:
+                if cfg.listen.trigger == "wake_phrase":
+                    raise ConfigError(f"listen.trigger is wake_phrase, which needs a transcript: {exc}") from None
+                log.error("speech-to-text unavailable, utterances are reported without text: %s", exc)
+                self.speech_mode = f"unavailable: {exc}"
+        if native or stt is not None:
+            self.speech_mode = "native audio" + (" + whisper" if stt else "") if native else "whisper"
+        assert self.router is not None
+        log.info("speech: %s, trigger %s", self.speech_mode, cfg.listen.trigger)
+        return Listener(policy, stt, native, cfg.listen.audio_prompt, self.router.on_transcript,
+                        self.router.on_speech, self.router.publisher.publish_event)
+
     def shutdown(self) -> int:
         log.info("stopping")
         self.notifier.stopping()
@@ -131,6 +193,8 @@ class Daemon:
         assert self.engine is not None and self.publisher is not None and self.outbox is not None
         if self.senses is not None:
             self.senses.stop()
+        if self.listener is not None:
+            self.listener.stop()
         clean = self.engine.stop(timeout=3.0)
         if not clean:
             log.warning("the running turn did not stop in time")
@@ -139,6 +203,7 @@ class Daemon:
         self.publisher.stop(timeout=1.5)
         self.outbox.close()
         if clean:
+            self.engine.model.release_projector()
             self.engine.model.close()
         log.info("stopped")
         return exitcodes.OK
@@ -151,57 +216,30 @@ class Daemon:
             return False
         return engine.current is None or time.monotonic() - engine.progress_at < self.cfg.model.deadline + 30
 
-    # --- MQTT ----------------------------------------------------------------------------------------
+    def _speech_progressing(self) -> bool:
+        listener = self.listener
+        return listener is None or not listener.busy() or time.monotonic() - listener.progress_at < 120
+
+    # --- inputs ----------------------------------------------------------------------------------------
 
     def on_message(self, topic: str, payload: bytes) -> None:
-        """Called on paho's thread: parse, queue, reply with an error at once if refused. Never blocks."""
-        assert self.publisher is not None and self.engine is not None
-        topics = self.publisher.topics
-        if topic == topics.ask:
-            try:
-                ask = parse_ask(payload, self.cfg.mqtt.max_payload)
-            except PayloadError as exc:
-                self.publisher.publish_error(exc.request_id, exc.code, exc.detail, source="ask")
-                return
-            self.submit(Request(text=ask.text, id=ask.id or new_id(), source="ask"))
-        elif topic == topics.describe:
-            self.publisher.publish_error(None, "no_camera", "no camera is configured (camera.enabled is false)",
-                                         source="describe")
-        elif topic == topics.reset:
-            if self.engine.conversation is not None:
-                self.engine.conversation.reset()
-            log.info("conversation reset by MQTT")
-            self.publisher.publish_event("reset", {})
-        elif topic == HA_STATUS and payload.strip() == b"online":
+        """Called on paho's thread: route and return at once."""
+        if self.router is not None and self.router.on_message(topic, payload):
+            return
+        if topic == HA_STATUS and payload.strip() == b"online":
             # Home Assistant restarted: send discovery again, after a small random delay so a fleet of
             # devices does not answer at the same instant.
             timer = threading.Timer(random.uniform(0.5, 5.0), self.publish_discovery)
             timer.daemon = True
             timer.start()
 
-    def submit(self, request: Request) -> None:
-        assert self.engine is not None and self.publisher is not None
-        try:
-            self.engine.submit(request, self.sink)
-        except EngineError as exc:
-            self.publisher.publish_error(request.id, exc.code, exc.detail, source=request.source)
-
-    # --- perception ------------------------------------------------------------------------------------
-
     def on_motion(self, event: MotionEvent) -> None:
-        """Called on the camera's grabber thread: publish and return."""
-        assert self.publisher is not None
-        payload = event.payload()
-        self.publisher.publish_event(str(payload.pop("event_type")), payload)
+        if self.router is not None:
+            self.router.on_motion(event)
 
     def on_heard(self, heard: Heard) -> None:
-        """Called on the listen thread for each utterance the VAD cut out."""
-        assert self.publisher is not None
-        transcript = {"id": new_id(), "text": None, "start": round(heard.start, 3), "end": round(heard.end, 3),
-                      "duration": round(heard.end - heard.start, 3)}
-        log.info("heard an utterance of %.2fs", heard.end - heard.start)
-        self.publisher.publish_json(self.publisher.topics.transcript, transcript, durable=True)
-        self.publisher.publish_event("transcript", transcript)
+        if self.listener is not None:
+            self.listener.heard(heard)
 
     def _on_connected(self) -> None:
         self.publish_discovery()
@@ -240,6 +278,9 @@ class Daemon:
                 "prefill_tps": round(last.prefill_tps, 1), "decode_tps": round(last.decode_tps, 1),
                 "ttft_ms": round(last.ttft_ms, 1), "tokens": last.prompt_tokens + last.completion_tokens},
             "turns": engine.turns_served,
+            "projector": "none" if not self.cfg.model.mmproj else
+                         ("loaded" if engine.model.projector_loaded else "released"),
+            "speech": self.speech_mode,
             "queues": {"model": engine.depth,
                        "audio": senses.get("microphone", {}).get("queued", 0)},
             "audio_dropped": senses.get("microphone", {}).get("overflows", 0),
@@ -248,6 +289,7 @@ class Daemon:
             "mqtt": {"connected": publisher.connected.is_set(), "reconnects": max(0, publisher.connects - 1),
                      "disconnects": publisher.disconnects},
             "outbox": {"pending": len(outbox), "dropped": outbox.dropped},
+            "rate_limited": self.router.limiter.refused if self.router is not None else 0,
             "ts": round(time.time(), 3),
         }
 

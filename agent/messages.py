@@ -28,6 +28,8 @@ class Ask:
     text: str
     id: str | None = None
     image: str | None = None
+    sender: str = "anonymous"
+    system: str | None = None
 
 
 def clean_text(text: str) -> str:
@@ -48,7 +50,17 @@ def parse_ask(payload: bytes, max_payload: int) -> Ask:
     image = obj.get("image")
     if image is not None and image not in ("latest", "none"):
         raise PayloadError("invalid_field", "field 'image' must be \"latest\" or \"none\"", request_id)
-    return Ask(text=_text(text, "text", request_id), id=request_id, image=image)
+    system = obj.get("system")
+    return Ask(text=_text(text, "text", request_id), id=request_id, image=image, sender=_sender(obj, request_id),
+               system=None if system is None else _text(system, "system", request_id))
+
+
+def _sender(obj: dict[str, Any], request_id: str | None) -> str:
+    value = obj.get("sender", "anonymous")
+    if not isinstance(value, str) or not ID_PATTERN.match(value):
+        raise PayloadError("invalid_field", "field 'sender' must be 1-64 printable ASCII characters without spaces",
+                           request_id)
+    return value
 
 
 def _decode(payload: bytes, max_payload: int) -> str | dict[str, Any]:
@@ -93,3 +105,40 @@ def _text(value: Any, name: str, request_id: str | None) -> str:
     if not text:
         raise PayloadError("empty_text", f"field '{name}' is empty", request_id)
     return text
+
+
+@dataclass(frozen=True)
+class Describe:
+    id: str | None = None
+    prompt: str | None = None
+    sender: str = "anonymous"
+
+
+def parse_describe(payload: bytes, max_payload: int) -> Describe:
+    """A `describe` payload: empty (Home Assistant's button), plain text (a custom prompt) or JSON
+    {"id": ..., "prompt": ...}."""
+    obj = _decode(payload, max_payload)
+    if isinstance(obj, str):
+        text = clean_text(obj)
+        return Describe(prompt=text or None)
+    request_id = _id(obj)
+    prompt = obj.get("prompt")
+    return Describe(id=request_id, prompt=None if prompt is None else _text(prompt, "prompt", request_id),
+                    sender=_sender(obj, request_id))
+
+
+def parse_listen(payload: bytes, max_payload: int, default: float) -> float:
+    """A `listen` payload: empty (listen.window seconds), a number, or JSON {"seconds": N}; 1-3600 s."""
+    obj = _decode(payload, max_payload)
+    value: Any = default
+    if isinstance(obj, dict):
+        value = obj.get("seconds", default)
+    elif obj.strip():
+        try:
+            value = float(obj)
+        except ValueError:
+            raise PayloadError("invalid_field", "a listen payload is empty, a number of seconds, or "
+                               '{"seconds": N}') from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 3600:
+        raise PayloadError("invalid_field", "field 'seconds' must be a number from 1 to 3600")
+    return float(value)

@@ -192,7 +192,8 @@ def _tensor(r: _Reader) -> Tensor:
         raise ModelFileError(f"{r.name}: tensor {tname!r} row of {shape[0]} is not a multiple of {block}")
     nbytes = elements // block * block_bytes
     if nbytes > r.size or offset > r.size:
-        raise ModelFileError(f"{r.name}: tensor {tname!r} claims {nbytes} bytes at offset {offset}, beyond the file")
+        raise ModelFileError(f"{r.name}: truncated or corrupt: tensor {tname!r} claims {nbytes} bytes at offset "
+                             f"{offset}, the file has {r.size}")
     return Tensor(tname, shape, ttype, offset, nbytes)
 
 

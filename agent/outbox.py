@@ -1,5 +1,8 @@
 """A bounded on-disk outbox: every response, transcript, event and error is written here before it is
-published, and removed only when the broker acknowledges it (PUBACK).
+published, and removed only when the broker acknowledges it (PUBACK). The same database remembers which
+requests were accepted and not yet answered: after a crash or power cut those are reported failed (`error`
+code `interrupted`), not silently forgotten and not retried (a request that crashed the daemon must not crash
+it again in a loop).
 
 SQLite, not an append-only journal: deleting acknowledged rows out of order, bounding by count, bytes and age, and
 surviving a crash mid-write are what SQLite does well; a journal would need compaction and its own recovery.
@@ -49,14 +52,42 @@ class Outbox:
             "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
             "payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, created REAL NOT NULL)"
         )
+        self._db.execute("CREATE TABLE IF NOT EXISTS accepted (id TEXT NOT NULL, source TEXT NOT NULL, "
+                         "created REAL NOT NULL)")
 
-    def put(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
-        """Store a message durably; returns its sequence number."""
-        with self._lock:
+    def put(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, settles: str | None = None) -> int:
+        """Store a message durably; returns its sequence number. `settles`: the request id this message answers,
+        marked answered in the same transaction."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
             cur = self._db.execute("INSERT INTO outbox (topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?)",
                                    (topic, payload, qos, int(retain), time.time()))
+            if settles is not None:
+                self._settle(settles)
             self._prune()
             return int(cur.lastrowid or 0)
+
+    def accept(self, request_id: str, source: str) -> None:
+        """Remember a request until its answer (or error) is stored."""
+        with self._lock:
+            self._db.execute("INSERT INTO accepted (id, source, created) VALUES (?, ?, ?)",
+                             (request_id, source, time.time()))
+
+    def settle(self, request_id: str) -> None:
+        with self._lock:
+            self._settle(request_id)
+
+    def _settle(self, request_id: str) -> None:
+        self._db.execute("DELETE FROM accepted WHERE rowid = (SELECT rowid FROM accepted WHERE id = ? LIMIT 1)",
+                         (request_id,))
+
+    def interrupted(self) -> list[tuple[str, str]]:
+        """(id, source) of requests accepted by an earlier run and never answered; forgets them."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            rows = self._db.execute("SELECT id, source FROM accepted ORDER BY rowid").fetchall()
+            self._db.execute("DELETE FROM accepted")
+        return [(str(r[0]), str(r[1])) for r in rows]
 
     def ack(self, seq: int) -> None:
         with self._lock:

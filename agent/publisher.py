@@ -170,12 +170,13 @@ class Publisher:
     # --- outbound ----------------------------------------------------------------------------------
 
     def publish_json(self, topic: str, payload: dict[str, Any], qos: int = 1, retain: bool = False,
-                     durable: bool = False) -> None:
-        """Publish JSON. `durable`: written to the outbox first and kept until the broker acknowledges it."""
+                     durable: bool = False, settles: str | None = None) -> None:
+        """Publish JSON. `durable`: written to the outbox first and kept until the broker acknowledges it;
+        `settles`: the accepted request this message answers (see Outbox.accept)."""
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         if durable and self.outbox is not None and qos > 0:
             with self._send_lock:
-                seq = self.outbox.put(topic, data, qos, retain)
+                seq = self.outbox.put(topic, data, qos, retain, settles=settles)
                 if self.connected.is_set():
                     self._send(seq, topic, data, qos, retain)
             return
@@ -183,11 +184,13 @@ class Publisher:
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.warning("publish to %s failed: %s", topic, mqtt.error_string(info.rc))
 
-    def publish_error(self, request_id: str | None, code: str, detail: str, **extra: Any) -> None:
-        """An `error` reply, and the matching Home Assistant event."""
+    def publish_error(self, request_id: str | None, code: str, detail: str, settles: bool = False,
+                      **extra: Any) -> None:
+        """An `error` reply, and the matching Home Assistant event. `settles`: it ends an accepted request."""
         log.info("error reply id=%s %s: %s", request_id, code, detail)
         payload = {"id": request_id, "error": code, "detail": detail, **extra}
-        self.publish_json(self.topics.error, {**payload, "ts": round(time.time(), 3)}, durable=True)
+        self.publish_json(self.topics.error, {**payload, "ts": round(time.time(), 3)}, durable=True,
+                          settles=request_id if settles else None)
         self.publish_event("error", payload)
 
     def publish_event(self, event_type: str, data: dict[str, Any]) -> None:

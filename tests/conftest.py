@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,12 +44,14 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class Broker:
     """A real mosquitto process; stop() and start() again on the same port for fault tests."""
 
-    def __init__(self, workdir: Path, extra_conf: str = "") -> None:
+    def __init__(self, workdir: Path, extra_conf: str = "", persistence: bool = False) -> None:
         self.port = free_port()
         self.conf = workdir / f"mosquitto-{self.port}.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra_conf}"
-        )
+        # run as root, mosquitto switches to its own user unless told not to: then it cannot save into workdir
+        saved = "persistence false\n"
+        if persistence:
+            saved = f"persistence true\npersistence_location {workdir}/\nuser root\n"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{saved}{extra_conf}")
         self.log = workdir / f"mosquitto-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -58,10 +61,11 @@ class Broker:
             self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=log, stderr=log)
         wait_port(self.port)
 
-    def stop(self) -> None:
+    def stop(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Kill the broker (SIGKILL: a crash; SIGTERM: mosquitto saves its persistence database first)."""
         if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
 
 
 @pytest.fixture(scope="session")
@@ -83,11 +87,14 @@ def gemma270m() -> Path:
 class Client:
     """A real paho client that records every message per topic and waits for the ones a test expects."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, client_id: str | None = None, persistent: bool = False) -> None:
+        """`persistent`: a session the broker keeps across disconnects (and restarts, with persistence)."""
         self.messages: list[mqtt.MQTTMessage] = []
         self._cond = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
+                                  clean_session=not persistent)
         self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
@@ -135,6 +142,19 @@ def mqtt_client(broker: Broker) -> Iterator[Client]:
     c = Client(broker.port)
     yield c
     c.close()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_daemons() -> Iterator[None]:
+    """Whatever a test asserts, the daemons it started are gone afterwards."""
+    yield
+    from daemon_proc import DaemonProcess
+
+    while DaemonProcess.running:
+        daemon = DaemonProcess.running.pop()
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.communicate()
 
 
 def payload_json(msg: mqtt.MQTTMessage) -> Any:

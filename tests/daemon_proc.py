@@ -8,11 +8,14 @@ import subprocess
 import tempfile
 import uuid
 from pathlib import Path
+from typing import ClassVar
 
 from conftest import ROOT, Client, agent_cmd
 
 
 class DaemonProcess:
+    running: ClassVar[list[DaemonProcess]] = []  # every started daemon, so a failed test cannot leak one (see conftest)
+
     def __init__(self, broker_port: int, model: Path, *overrides: str, config: Path | None = None,
                  cwd: Path = ROOT) -> None:
         self.device_id = f"t{uuid.uuid4().hex[:8]}"
@@ -36,6 +39,7 @@ class DaemonProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(agent_cmd(*self.args, "run"), cwd=self.cwd, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        DaemonProcess.running.append(self)
         if wait_online:
             client.wait_for(f"{self.base}/availability", lambda m: m.payload == b"online", timeout=60)
 

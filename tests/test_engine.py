@@ -11,6 +11,7 @@ import pytest
 
 from agent.brain import Engine, EngineError, Model, Request, Result
 from agent.config import ModelConfig
+from agent.conversation import Conversation
 
 SYSTEM = "You are a helpful assistant. " * 12
 
@@ -138,3 +139,53 @@ def test_stop_fails_queued_requests_with_an_error(model: Model) -> None:
     assert sorted(sink.errors) == [("0", "shutting_down"), ("1", "shutting_down"), ("2", "shutting_down")]
     with pytest.raises(EngineError, match="stopping"):
         engine.submit(Request(text="late"), sink)
+
+
+def ask_engine(engine: Engine, text: str) -> Result:
+    sink = Collect()
+    engine.submit(Request(text=text), sink)
+    assert sink.done.acquire(timeout=120)
+    assert not sink.errors, sink.errors
+    return sink.results[0]
+
+
+def test_conversation_history_reaches_the_model_and_reset_clears_it(model: Model) -> None:
+    configure(model, max_tokens=30, system_prompt="You are a helpful assistant. Answer briefly and plainly.")
+    engine = Engine(model, queue_size=2, conversation=Conversation(max_exchanges=6, idle_reset=300))
+    engine.start()
+    try:
+        ask_engine(engine, "My name is Alice and my cat is called Pickles.")
+        assert "Alice" in ask_engine(engine, "What is my name?").text  # the real 270M reads the earlier turn
+        assert engine.conversation is not None and len(engine.conversation) == 2
+        engine.conversation.reset()
+        assert "Alice" not in ask_engine(engine, "What is my name?").text
+    finally:
+        engine.stop()
+
+
+def test_history_is_trimmed_to_fit_the_context(gemma270m: Path) -> None:
+    small = Model(ModelConfig(path=str(gemma270m), temperature=0.0, max_tokens=48, n_ctx=512, n_batch=256,
+                              n_ubatch=256))
+    conversation = Conversation(max_exchanges=50, idle_reset=300)
+    engine = Engine(small, queue_size=2, conversation=conversation)
+    engine.start()
+    try:
+        lengths = []
+        for n in range(8):
+            result = ask_engine(engine, f"Question number {n}: " + "tell me about the weather and the sea. " * 4)
+            assert result.prompt_tokens + 48 <= 512
+            lengths.append(len(conversation))
+        assert max(lengths) < 8 and lengths[-1] >= 1  # oldest exchanges dropped, recent ones kept
+    finally:
+        engine.stop()
+        small.close()
+
+
+def test_conversation_forgets_after_idle_reset() -> None:
+    now = [0.0]
+    conversation = Conversation(max_exchanges=3, idle_reset=60, clock=lambda: now[0])
+    for n in range(5):
+        conversation.record(f"q{n}", f"a{n}")
+    assert [t.text for t in conversation.history()] == ["q2", "a2", "q3", "a3", "q4", "a4"]
+    now[0] += 61
+    assert conversation.history() == []

@@ -1,0 +1,546 @@
+"""Gemma 3n E2B under a 2 GiB memory cgroup: the gemma-agent engine vs raw llama-cpp-python, capped vs uncapped.
+
+Every run is a fresh child process; the child joins the cgroup before it execs (so every page it touches is
+charged there), and the model file's page cache is dropped first (pages are charged to the cgroup that reads
+them first). Configurations are interleaved round by round; the summary gives medians and spread (min-max).
+
+Per run (one JSON line): load seconds, prefill tok/s (a 256-token prompt), decode tok/s (128 tokens), peak
+RssAnon / RssFile (polled every 50 ms), peak cgroup usage, major faults, OOM kills, and for engine runs the
+planner's prediction next to the measurement (anonymous bytes; mapped file bytes uncapped; file bytes touched
+per decoded token). Also: a memory-bandwidth probe and the roofline ratio (decode tok/s x bytes read per token /
+bandwidth), an image turn through a same-shape synthetic vision projector (engine-image), and a soak of N turns.
+
+Configurations: `engine` (agent.brain.Model with the agent.memory plan for memory.limit_mib), `raw` (llama_cpp.Llama
+with every default: n_ctx 512, n_ubatch 512, repack on, n_threads = cpu_count // 2), `raw-threads` (the same with
+the engine's thread count, to show what the defaults cost). Each `capped` in a cgroup of --limit-mib, else not.
+
+Needs root (cgroup v2 with the memory controller if mounted, else v1 at /sys/fs/cgroup/memory); the cgroup is
+removed at the end. The synthetic models come from bench/synth_gemma3n.py. Examples:
+
+    sudo .venv/bin/python bench/memory_cap.py                       # E2B Q4_0 + Q4_K_M, 3 rounds
+    sudo .venv/bin/python bench/memory_cap.py --models q4_k_m --configs engine:capped,engine:uncapped --rounds 5
+    sudo .venv/bin/python bench/memory_cap.py --soak 200 --models q4_k_m     # 200 turns under the cap
+    sudo .venv/bin/python bench/memory_cap.py --set memory.repack=off ...    # any agent config override
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent import memory  # noqa: E402
+from agent.config import load as load_config  # noqa: E402
+from agent.modelfile import inspect  # noqa: E402
+
+SYNTH = Path(os.environ.get("GEMMA_AGENT_SYNTH_CACHE", Path.home() / ".cache" / "gemma-agent" / "synth"))
+MODELS = {"q4_0": "gemma3n-e2b-synthetic-q4_0.gguf", "q4_k_m": "gemma3n-e2b-synthetic-q4_k_m.gguf",
+          "q4_k_m-published": "gemma3n-e2b-synthetic-q4_k_m-published.gguf",
+          "e4b-q4_k_m": "gemma3n-e4b-synthetic-q4_k_m.gguf"}
+PROJECTOR = SYNTH / "gemma3n-mobilenetv5-300m-synthetic-f16.gguf"
+MiB = 1 << 20
+SYSTEM = "You are a helpful assistant running on a small home device. Answer briefly and plainly."
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "small", "birds",
+         "sing", "about", "rivers", "mountains", "and", "old", "stone", "bridges", "near", "the", "quiet", "harbour"]
+
+
+def emit(**fields: Any) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+# ------------------------------------------------------------------ cgroups
+
+
+class Cgroup:
+    """A memory cgroup with a limit: v2 if the memory controller is available there, else v1."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        v2, v1 = memory._mounts("/proc/self/mountinfo")
+        if v2 is not None and "memory" in _read(v2 / "cgroup.controllers").split():
+            self.version, self.path = 2, v2 / name
+            self.path.mkdir(exist_ok=True)
+            (self.path / "memory.max").write_text(str(limit))
+            if (self.path / "memory.swap.max").exists():
+                (self.path / "memory.swap.max").write_text("0")
+        elif v1 is not None:
+            self.version, self.path = 1, v1 / name
+            self.path.mkdir(exist_ok=True)
+            (self.path / "memory.limit_in_bytes").write_text(str(limit))
+        else:
+            raise SystemExit("no memory cgroup (v2 memory controller or v1 memory hierarchy) is mounted")
+        self.limit = limit
+        self.reset()
+
+    def reset(self) -> None:
+        if self.version == 1:
+            (self.path / "memory.max_usage_in_bytes").write_text("0")
+        elif (self.path / "memory.peak").exists():
+            with open(self.path / "memory.peak", "w") as f:  # kernel >= 6.12: a write resets the peak for us
+                f.write("r")
+        self.oom_before = self.oom_kills()
+
+    def join_file(self) -> str:
+        return str(self.path / "cgroup.procs")
+
+    def usage(self) -> int:
+        return int(_read(self.path / ("memory.current" if self.version == 2 else "memory.usage_in_bytes")) or 0)
+
+    def peak(self) -> int | None:
+        name = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"
+        text = _read(self.path / name)
+        return int(text) if text.strip().isdigit() else None
+
+    def oom_kills(self) -> int:
+        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        for line in _read(self.path / name).splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def drop_page_cache(path: str) -> None:
+    """Evict the file's clean pages (if no process maps them), so the next run reads it from disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------ the parent: runs children, polls, summarizes
+
+
+def poll_status(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def run_child(spec: dict[str, Any], cgroup: Cgroup | None, timeout: float) -> dict[str, Any]:
+    """Run one measurement in a fresh process; returns the child's result plus what the parent observed."""
+    drop_page_cache(spec["model"])
+    if cgroup is not None:
+        cgroup.reset()
+    join = cgroup.join_file() if cgroup is not None else None
+
+    def enter_cgroup() -> None:  # runs in the child between fork and exec: everything it touches is charged
+        if join:
+            with open(join, "w") as f:
+                f.write(str(os.getpid()))
+
+    out = tempfile.NamedTemporaryFile("w+", suffix=".jsonl", delete=False)  # noqa: SIM115
+    err = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=out,
+                            stderr=err, preexec_fn=enter_cgroup)
+    peak = {"RssAnon": 0, "RssFile": 0}
+    usage_peak = 0
+    status, rusage = 0, None
+    while True:
+        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        for key, value in poll_status(proc.pid).items():
+            peak[key] = max(peak[key], value)
+        if cgroup is not None:
+            usage_peak = max(usage_peak, cgroup.usage())
+        if time.monotonic() - started > timeout:
+            proc.kill()
+        time.sleep(0.05)
+    code = os.waitstatus_to_exitcode(status)
+    out.seek(0)
+    lines = [json.loads(line) for line in out.read().splitlines() if line.startswith("{")]
+    out.close()
+    os.unlink(out.name)
+    err.seek(0)
+    errors = [line for line in err.read().splitlines() if "Error" in line or "error" in line][-3:]
+    err.close()
+    os.unlink(err.name)
+    result: dict[str, Any] = {}
+    for line in lines:
+        result.update(line)
+    result.update(
+        exit=code, wall_s=round(time.monotonic() - started, 1),
+        peak_rss_anon_mib=round(peak["RssAnon"] / MiB, 1), peak_rss_file_mib=round(peak["RssFile"] / MiB, 1),
+        major_faults=rusage.ru_majflt if rusage else None,
+    )
+    if code != 0:
+        result["errors"] = errors
+    if cgroup is not None:
+        kernel_peak = cgroup.peak()
+        result.update(cgroup_peak_mib=round((kernel_peak or usage_peak) / MiB, 1),
+                      oom_kills=cgroup.oom_kills() - cgroup.oom_before)
+    else:
+        result.update(cgroup_peak_mib=None, oom_kills=0 if code != -signal.SIGKILL else None)
+    return result
+
+
+def bandwidth(threads: int, mib: int = 1024, repeat: int = 3) -> float:
+    """Memory read bandwidth in GB/s: numpy's SIMD max over a float32 buffer far larger than the caches, split
+    over `threads` threads (numpy releases the GIL); the best of `repeat`."""
+    import numpy as np
+
+    data = np.ones(mib * MiB // 4, dtype=np.float32)
+    parts = np.array_split(data, threads)
+    best = 0.0
+    for _ in range(repeat):
+        workers = [threading.Thread(target=np.max, args=(p,)) for p in parts]
+        started = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, data.nbytes / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def summarize(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"runs": len(runs)}
+    for key in keys:
+        values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+        if values:
+            out[key] = {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
+                        "max": round(max(values), 2)}
+    return out
+
+
+def parent(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        raise SystemExit("needs root: it creates a memory cgroup (run it with sudo)")
+    models = {name: str(SYNTH / MODELS[name]) if name in MODELS else name for name in args.models.split(",")}
+    for name, path in models.items():
+        if not Path(path).exists():
+            raise SystemExit(f"{path} is missing: build it with `.venv/bin/python bench/synth_gemma3n.py` ({name})")
+    configs = [c for c in args.configs.split(",") if c]
+    cgroup = Cgroup(f"gemma-agent-bench-{os.getpid()}", args.limit_mib * MiB)
+    emit(event="setup", cgroup=str(cgroup.path), cgroup_version=cgroup.version, limit_mib=args.limit_mib,
+         threads=args.threads or memory_threads(), models=models, configs=configs, rounds=args.rounds)
+    try:
+        bw = {n: round(bandwidth(n), 2) for n in sorted({1, args.threads or memory_threads()})}
+        emit(event="bandwidth", gb_per_s=bw)
+        if args.soak:
+            return soak(args, models, cgroup)
+        results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for rnd in range(args.rounds):
+            for name, path in models.items():
+                for config in configs:
+                    kind, _, cap = config.partition(":")
+                    overrides = list(args.set)
+                    if kind == "engine-image":  # the plan then budgets for the projector too
+                        overrides.append(f"model.mmproj={args.projector or PROJECTOR}")
+                    spec = {"mode": kind, "model": path, "prompt_tokens": args.prompt_tokens,
+                            "decode_tokens": args.decode_tokens, "threads": args.threads, "overrides": overrides,
+                            "measure_hot": kind == "engine" and cap == "uncapped" and rnd == 0}
+                    run = run_child(spec, cgroup if cap == "capped" else None, args.timeout)
+                    run.update(model=name, config=config, round=rnd)
+                    emit(event="run", **run)
+                    results.setdefault((name, config), []).append(run)
+        report(results, bw, args)
+    finally:
+        cgroup.remove()
+    return 0
+
+
+KEYS = ["load_s", "prefill_tps", "decode_tps", "peak_rss_anon_mib", "peak_rss_file_mib", "cgroup_peak_mib",
+        "major_faults", "turn_major_faults", "oom_kills", "anon_error_pct", "file_error_pct", "hot_error_pct",
+        "image_ttft_s", "projector_growth_mib"]
+
+
+def report(results: dict[tuple[str, str], list[dict[str, Any]]], bw: dict[int, float],
+           args: argparse.Namespace) -> None:
+    threads = args.threads or memory_threads()
+    for (name, config), runs in results.items():
+        line = summarize(runs, KEYS)
+        line.update(event="summary", model=name, config=config,
+                    failed=sum(1 for r in runs if r.get("exit") != 0))
+        decode = line.get("decode_tps", {}).get("median")
+        per_token = next((r.get("read_per_token_mib") for r in runs if r.get("read_per_token_mib")), None)
+        if decode and per_token and config.startswith("engine:"):
+            line["roofline"] = round(decode * per_token * MiB / 1e9 / bw[max(bw)], 3)
+            line["roofline_bandwidth_gb_s"] = bw[max(bw)]
+        emit(**line)
+    for name in {n for n, _ in results}:
+        def med(config: str, key: str, model: str = name) -> float | None:
+            runs = results.get((model, config), [])
+            values = [r[key] for r in runs if isinstance(r.get(key), (int, float)) and r.get("exit") == 0]
+            return statistics.median(values) if values else None
+
+        ratios = {}
+        for key in ("decode_tps", "prefill_tps"):
+            capped, uncapped = med("engine:capped", key), med("engine:uncapped", key)
+            raw = med("raw:capped", key)
+            if capped and uncapped:
+                ratios[f"{key}_capped_vs_uncapped"] = round(capped / uncapped, 3)
+            if capped and raw:
+                ratios[f"{key}_engine_vs_raw_default_capped"] = round(capped / raw, 3)
+            raw_threads = med("raw-threads:capped", key)
+            if capped and raw_threads:
+                ratios[f"{key}_engine_vs_raw_same_threads_capped"] = round(capped / raw_threads, 3)
+        emit(event="ratios", model=name, threads=threads, **ratios)
+
+
+def soak(args: argparse.Namespace, models: dict[str, str], cgroup: Cgroup) -> int:
+    for name, path in models.items():
+        spec = {"mode": "soak", "model": path, "turns": args.soak, "threads": args.threads, "overrides": args.set,
+                "decode_tokens": args.soak_tokens}
+        run = run_child(spec, cgroup, args.timeout * max(1, args.soak // 10))
+        run.update(model=name, config="engine:capped")
+        emit(event="soak", **run)
+    return 0
+
+
+def memory_threads() -> int:
+    from agent.brain import available_cpus
+
+    return available_cpus()
+
+
+# ------------------------------------------------------------------ the children
+
+
+def agent_config(overrides: list[str]) -> Any:
+    return load_config(None, ["model.temperature=0", "model.max_tokens=128", *overrides], environ={})
+
+
+def question(model: Any, prompt_tokens: int) -> tuple[str, int]:
+    """A user question whose rendered prompt (system + turn format) is `prompt_tokens` long."""
+    from agent.prompt import Turn
+
+    words = []
+    i = 0
+    while True:
+        words.append(WORDS[i % len(WORDS)])
+        i += 1
+        n = len(model.tokenize(model.render([Turn("user", " ".join(words))])))
+        if n >= prompt_tokens:
+            return " ".join(words), n
+
+
+def child_engine(spec: dict[str, Any]) -> None:
+    from agent.brain import Model, Request
+
+    cfg = agent_config(spec["overrides"] + [f"model.path={spec['model']}", f"model.n_threads={spec['threads']}",
+                                            f"model.max_tokens={spec['decode_tokens']}"])
+    baseline = memory.python_baseline()
+    plan = memory.plan_for(cfg.model, cfg.memory, baseline=baseline)
+    emit(plan=plan.summary(), plan_lines=plan.lines())
+    if plan.chosen is None:
+        emit(refused=True)
+        return
+    model = Model(cfg.model, plan=plan)
+    text, n_prompt = question(model, spec["prompt_tokens"])
+    model.llm.reset()
+    faults = major_faults()
+    result = model.generate(Request(text=text, max_tokens=spec["decode_tokens"]))
+    faults = major_faults() - faults
+    info = inspect(spec["model"])
+    # what the planner predicts for this very turn (a prompt of n_prompt tokens, attending over them)
+    turn = memory.estimate(info, plan.chosen.setting, baseline=baseline, n_tokens=n_prompt, n_kv=n_prompt)
+    measured = memory.rss()
+    emit(load_s=round(model.load_seconds, 2), prompt_tokens=result.prompt_tokens,
+         completion_tokens=result.completion_tokens, prefill_tps=round(result.prefill_tps, 2),
+         decode_tps=round(result.decode_tps, 2), setting=plan.chosen.setting.label(),
+         predicted_anon_mib=round(turn.anon / MiB, 1), measured_anon_mib=round(measured["rss_anon"] / MiB, 1),
+         anon_error_pct=round(100 * (turn.anon - measured["rss_anon"]) / measured["rss_anon"], 1),
+         read_per_token_mib=round(plan.chosen.read_per_token / MiB, 1),
+         predicted_hot_mib=round(plan.chosen.hot_file / MiB, 1), release_cold=plan.release_cold,
+         turn_major_faults=faults)
+    if spec.get("measure_hot"):
+        model_file = memory.file_rss(spec["model"])
+        expected = turn.hot_file if plan.release_cold else turn.mapped_file  # dropped: only what turns touch
+        emit(predicted_file_mib=round(expected / MiB, 1), measured_file_mib=round(model_file / MiB, 1),
+             file_error_pct=round(100 * (expected - model_file) / model_file, 1))
+        emit(**touched_per_token(model, spec["model"], turn))
+    if spec["mode"] == "engine-image":
+        emit(**image_turn(model))
+    model.close()
+
+
+def major_faults() -> int:
+    """This process's major page faults so far (pages read from disk: the sign of thrashing)."""
+    return int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[9])
+
+
+def touched_per_token(model: Any, path: str, est: memory.Estimate) -> dict[str, Any]:
+    """File bytes one decoded token maps: unmap the whole model file (the pages stay cached), decode one token,
+    read the file's resident share again. Compared with the planner's hot bytes."""
+    import mmap
+
+    info = inspect(path)
+    token = model.llm.tokenize(b" sea", add_bos=False)[0]
+    samples = []
+    for _ in range(3):
+        memory.advise(path, [(0, info.size)], mmap.MADV_DONTNEED)
+        before = memory.file_rss(path)
+        model.llm.eval([token])
+        samples.append(memory.file_rss(path) - before)
+    touched = statistics.median(samples)
+    return {"touched_per_token_mib": round(touched / MiB, 1), "hot_error_pct": round(100 * (est.hot_file - touched)
+                                                                                      / touched, 1)}
+
+
+def image_turn(model: Any) -> dict[str, Any]:
+    """One 768 x 768 image through the engine (model.mmproj: a same-shape Gemma 3n vision projector), then 16
+    tokens; the projector is released afterwards (what an on-demand plan does)."""
+    projector = model.cfg.mmproj
+    if not Path(projector).exists():
+        return {"image": f"skipped: {projector} not found (bench/synth_gemma3n.py --vision writes it)"}
+    import numpy as np
+
+    from agent.brain import Request
+    from agent.projector import Media
+
+    before = memory.rss()["rss_anon"]
+    pixels = np.random.default_rng(0).integers(0, 256, size=(768, 768, 3), dtype=np.uint8)
+    result = model.generate(Request(text="Describe this.", max_tokens=16, media=[Media("image", pixels)]))
+    after = memory.rss()["rss_anon"]
+    model.release_projector()
+    weights, compute = memory.projector_bytes(inspect(projector))
+    return {"image": "ok", "image_tokens": result.image_tokens, "image_ttft_s": round(result.ttft_ms / 1000, 2),
+            "image_decode_tps": round(result.decode_tps, 2),
+            "projector_growth_mib": round((after - before) / MiB, 1),
+            "projector_predicted_mib": round((weights + compute) / MiB, 1),
+            "after_release_mib": round((memory.rss()["rss_anon"] - before) / MiB, 1)}
+
+
+def child_raw(spec: dict[str, Any]) -> None:
+    """llama-cpp-python as a user would call it: every default (n_ctx 512, threads = cpu_count // 2), unless
+    `threads` is given; the same rendered prompt as the engine's."""
+    import llama_cpp
+
+    from agent.prompt import Turn, gemma_prompt
+
+    kwargs: dict[str, Any] = {"verbose": False}
+    if spec["mode"] == "raw-threads":
+        kwargs.update(n_threads=spec["threads"] or memory_threads(), n_threads_batch=spec["threads"] or
+                      memory_threads(), n_ctx=2048)
+    started = time.monotonic()
+    llm = llama_cpp.Llama(model_path=spec["model"], **kwargs)
+    load = time.monotonic() - started
+
+    class Shim:  # question() needs tokenize + render
+        def tokenize(self, prompt: str) -> list[int]:
+            return list(llm.tokenize(prompt.encode(), add_bos=False, special=True))
+
+        def render(self, turns: list[Turn]) -> str:
+            return gemma_prompt(SYSTEM, turns, "<bos>")
+
+    shim = Shim()
+    text, _n = question(shim, spec["prompt_tokens"])
+    tokens = shim.tokenize(shim.render([Turn("user", text)]))
+    n_out = 0
+    started = time.monotonic()
+    first = started
+    for _token in llm.generate(tokens, temp=0.0, top_k=1):
+        n_out += 1
+        if n_out == 1:
+            first = time.monotonic()
+        if n_out >= spec["decode_tokens"]:
+            break
+    ended = time.monotonic()
+    emit(load_s=round(load, 2), prompt_tokens=len(tokens), completion_tokens=n_out,
+         prefill_tps=round(len(tokens) / (first - started), 2),
+         decode_tps=round((n_out - 1) / (ended - first), 2) if n_out > 1 else 0.0,
+         setting=f"llama-cpp-python defaults (n_ctx {llm.n_ctx()}, threads {llm.n_threads})")
+
+
+def child_soak(spec: dict[str, Any]) -> None:
+    """N consecutive turns of a growing conversation (oldest exchanges dropped when the context is full)."""
+    from agent.brain import Model, Request
+    from agent.prompt import Turn
+
+    cfg = agent_config(spec["overrides"] + [f"model.path={spec['model']}", f"model.n_threads={spec['threads']}",
+                                            f"model.max_tokens={spec['decode_tokens']}"])
+    plan = memory.plan_for(cfg.model, cfg.memory)
+    emit(plan=plan.summary())
+    model = Model(cfg.model, plan=plan)
+    history: list[Turn] = []
+    decode, prefill, worst_anon = [], [], 0
+    for i in range(spec["turns"]):
+        q = f"Question {i}: " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(12 + i % 40))
+        turns = [*history, Turn("user", q)]
+        while len(history) > 2 and len(model.tokenize(model.render(turns))) + spec["decode_tokens"] > cfg.model.n_ctx:
+            history = history[2:]
+            turns = [*history, Turn("user", q)]
+        result = model.generate(Request(text=q, max_tokens=spec["decode_tokens"]), turns=turns)
+        history += [Turn("user", q), Turn("model", result.text)]
+        decode.append(result.decode_tps)
+        prefill.append(result.prefill_tps)
+        worst_anon = max(worst_anon, memory.rss()["rss_anon"])
+        if (i + 1) % 20 == 0:
+            emit(turn=i + 1, prompt_tokens=result.prompt_tokens, decode_tps=round(result.decode_tps, 2),
+                 rss_anon_mib=round(worst_anon / MiB, 1))
+    emit(turns=len(decode), decode_tps=round(statistics.median(decode), 2),
+         decode_tps_min=round(min(decode), 2), prefill_tps=round(statistics.median(prefill), 2),
+         predicted_anon_mib=round(plan.chosen.anon / MiB, 1) if plan.chosen else None,
+         measured_anon_peak_mib=round(worst_anon / MiB, 1))
+    model.close()
+
+
+def child(spec: dict[str, Any]) -> int:
+    modes = {"engine": child_engine, "engine-image": child_engine, "raw": child_raw, "raw-threads": child_raw,
+             "soak": child_soak}
+    modes[spec["mode"]](spec)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="q4_0,q4_k_m", help=f"comma-separated: {', '.join(MODELS)} or paths")
+    ap.add_argument("--configs", default="engine:uncapped,engine:capped,raw:capped,raw-threads:capped",
+                    help="comma-separated MODE:CAP, MODE engine | engine-image | raw | raw-threads, CAP capped | "
+                    "uncapped (engine-image: the plan includes the projector; an image turn follows the text turn)")
+    ap.add_argument("--limit-mib", type=int, default=2048, help="the cgroup's memory limit")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=0, help="engine threads (0: every CPU this process may use)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="agent config override")
+    ap.add_argument("--projector", default="", help=f"vision projector GGUF (default {PROJECTOR})")
+    ap.add_argument("--soak", type=int, default=0, help="run N consecutive turns under the cap instead")
+    ap.add_argument("--soak-tokens", type=int, default=24, help="tokens per soak turn")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds before a run is killed")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(json.loads(args.child))
+    return parent(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""Turn policy and wake phrases (pure logic, a fake clock), and the speech-to-text wrapper's failure modes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import testmodels
+
+from agent.config import ListenConfig, WhisperConfig
+from agent.listen import SpeechToText, SpeechToTextError, TurnPolicy, split_wake_phrase
+
+PHRASES = ["hey gemma", "ok gemma"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("heard", "rest"),
+    [
+        ("Hey Gemma, what's the time?", "what's the time?"),
+        ("hey gemma what is at the door", "what is at the door"),
+        ("Hey, Jemma! Turn on the lights.", "Turn on the lights."),
+        ("OK Gemma.", ""),
+        ("okay gemma, lights off", "lights off"),
+        ("Hey gem ma open the garage", "open the garage"),
+        ("What's the weather today?", None),
+        ("Hello there, how are you?", None),
+        ("", None),
+    ],
+)
+def test_wake_phrase_matching_is_tolerant(heard: str, rest: str | None) -> None:
+    assert split_wake_phrase(heard, PHRASES) == rest
+
+
+def policy(trigger: str, clock: Clock, follow_up: float = 8.0) -> TurnPolicy:
+    cfg = ListenConfig(trigger=trigger, wake_phrases=PHRASES, window=10.0, follow_up=follow_up)  # type: ignore[arg-type]
+    return TurnPolicy(cfg, clock=clock)
+
+
+def test_always_takes_everything() -> None:
+    decision = policy("always", Clock()).decide("what time is it")
+    assert decision.accept and decision.question == "what time is it"
+
+
+def test_wake_phrase_mode() -> None:
+    clock = Clock()
+    p = policy("wake_phrase", clock)
+    assert p.decide("what time is it").reason == "no_wake_phrase"
+    taken = p.decide("Hey Gemma, what time is it?")
+    assert taken.accept and taken.question == "what time is it?"
+    # a phrase alone opens a listening window for the next utterance
+    alone = p.decide("Hey Gemma.")
+    assert not alone.accept and alone.reason == "phrase_only"
+    clock.now += 5
+    assert p.decide("is the door locked").accept
+    clock.now += 11
+    assert not p.decide("is the door locked").accept
+
+
+def test_follow_up_window_after_an_answer() -> None:
+    clock = Clock()
+    p = policy("wake_phrase", clock)
+    p.answered()
+    clock.now += 7.9
+    follow = p.decide("and tomorrow?")
+    assert follow.accept and follow.reason == "follow_up"
+    clock.now += 0.2
+    assert p.decide("and tomorrow?").reason == "no_wake_phrase"
+
+
+def test_mqtt_and_motion_windows() -> None:
+    clock = Clock()
+    for trigger in ("mqtt", "motion"):
+        p = policy(trigger, clock)
+        assert p.decide("hello").reason == "not_listening"
+        p.open_window(why=trigger)
+        taken = p.decide("hello")
+        assert taken.accept and taken.reason == trigger
+        clock.now += 10.1
+        assert not p.decide("hello").accept
+
+
+def test_native_audio_without_transcript() -> None:
+    clock = Clock()
+    assert policy("always", clock).decide(None).accept
+    p = policy("mqtt", clock)
+    assert not p.decide(None).accept
+    p.open_window(5, "mqtt")
+    assert p.decide(None).accept
+
+
+def test_follow_up_zero_means_off() -> None:
+    clock = Clock()
+    p = policy("wake_phrase", clock, follow_up=0.0)
+    p.answered()
+    assert not p.listening()
+
+
+def test_speech_to_text_refuses_a_missing_model(tmp_path: Path) -> None:
+    with pytest.raises(SpeechToTextError, match="whisper model not found"):
+        SpeechToText(WhisperConfig(model=str(tmp_path / "ggml-base.en.bin")), 1)
+
+
+def test_speech_to_text_refuses_a_file_that_is_not_whisper(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.bin"
+    bogus.write_bytes(b"\x00" * 4096)
+    with pytest.raises(SpeechToTextError, match=r"not a whisper\.cpp ggml model"):
+        SpeechToText(WhisperConfig(model=str(bogus)), 1)
+
+
+def test_speech_to_text_runs_whisper_cpp() -> None:
+    stt = SpeechToText(WhisperConfig(model=str(testmodels.tiny_whisper())), 1)
+    tone = (np.sin(np.arange(16000) / 5.0) * 6000).astype(np.int16)
+    assert isinstance(stt.transcribe(tone), str)  # random weights: the words are nonsense, the path is real

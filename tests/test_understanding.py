@@ -1,0 +1,184 @@
+"""Understanding end to end: camera frames through the Gemma 3n vision projector, speech through native audio
+and through whisper.cpp, the listen triggers, projector release. Tiny random-weight models with the real
+layouts run the real llama.cpp / libmtmd / whisper.cpp code (their words are nonsense; the metadata is not)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+import testmodels
+from conftest import Broker, Client, payload_json
+from daemon_proc import DaemonProcess
+from media import compose, espeak, moving_square, still, write_video, write_wav
+
+
+def start(broker: Broker, model: Path, *overrides: str) -> tuple[DaemonProcess, Client]:
+    daemon = DaemonProcess(broker.port, model, "model.n_ctx=2048", "health.interval=1", *overrides)
+    client = Client(broker.port)
+    client.subscribe(f"{daemon.base}/#")
+    daemon.start(client)
+    return daemon, client
+
+
+def response(client: Client, base: str, request_id: str | None = None, timeout: float = 60) -> dict[str, Any]:
+    def match(m: mqtt.MQTTMessage) -> bool:
+        return request_id is None or payload_json(m)["id"] == request_id
+
+    return payload_json(client.wait_for(f"{base}/response", match, timeout=timeout)[0])
+
+
+def error(client: Client, base: str, code: str) -> dict[str, Any]:
+    return payload_json(client.wait_for(f"{base}/error", lambda m: payload_json(m)["error"] == code)[0])
+
+
+@pytest.fixture(scope="module")
+def door_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_video(tmp_path_factory.mktemp("video") / "door.avi", 90, fps=15.0, width=640, height=480,
+                       frame=moving_square)
+
+
+@pytest.fixture(scope="module")
+def question_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pcm, _ = compose([(0.4, espeak("What is at the front door?"))], total_s=3.0)
+    return write_wav(tmp_path_factory.mktemp("wav") / "question.wav", pcm)
+
+
+def vision_args(video: Path, size: int = 512) -> tuple[str, ...]:
+    return (f"model.mmproj={testmodels.tiny_vision_projector()}", "camera.enabled=true", f"camera.source={video}",
+            f"camera.input_size={size}")
+
+
+@pytest.mark.parametrize("size", [256, 512, 768])
+def test_describe_sends_one_image_of_256_tokens_at_each_input_size(broker: Broker, door_video: Path,
+                                                                  size: int) -> None:
+    daemon, client = start(broker, testmodels.tiny_text(), *vision_args(door_video, size))
+    client.publish(f"{daemon.base}/describe", {"id": "d1", "prompt": "What is at the door?"})
+    body = response(client, daemon.base, "d1")
+    assert body["source"] == "describe" and body["tokens"]["image"] == 256
+    assert body["tokens"]["prompt"] > 256
+    daemon.stop()
+    client.close()
+
+
+def test_ask_with_and_without_the_frame_and_image_reuse(broker: Broker, door_video: Path) -> None:
+    daemon, client = start(broker, testmodels.tiny_text(), *vision_args(door_video))
+    client.publish(f"{daemon.base}/ask", {"id": "with", "text": "Who is there?", "image": "latest"})
+    assert response(client, daemon.base, "with")["tokens"]["image"] == 256
+    client.publish(f"{daemon.base}/ask", {"id": "without", "text": "Who is there?"})
+    assert response(client, daemon.base, "without")["tokens"]["image"] == 0
+    client.publish(f"{daemon.base}/describe", b"")  # Home Assistant's button: empty payload, default prompt
+    body = response(client, daemon.base, None)
+    assert body["source"] in ("ask", "describe")
+    daemon.stop()
+    client.close()
+
+
+def test_image_request_without_a_projector_is_an_error(broker: Broker, gemma270m: Path, door_video: Path) -> None:
+    daemon, client = start(broker, gemma270m, "camera.enabled=true", f"camera.source={door_video}")
+    client.publish(f"{daemon.base}/describe", {"id": "np"})
+    body = error(client, daemon.base, "no_projector")
+    assert body["id"] == "np" and "model.mmproj" in str(body["detail"])
+    client.publish(f"{daemon.base}/ask", {"id": "still-ok", "text": "Hello"})
+    response(client, daemon.base, "still-ok")
+    daemon.stop()
+    client.close()
+
+
+def test_a_stale_frame_is_not_described(broker: Broker, tmp_path: Path) -> None:
+    video = write_video(tmp_path / "short.avi", 3, fps=15.0, frame=still)
+    daemon, client = start(broker, testmodels.tiny_text(), *vision_args(video), "camera.loop=false",
+                           "vision.max_frame_age=0.5")
+    client.wait_for(f"{daemon.base}/health", lambda m: payload_json(m)["camera"]["state"] == "ended", timeout=30)
+    time.sleep(0.6)
+    client.publish(f"{daemon.base}/describe", {"id": "old"})
+    body = error(client, daemon.base, "stale_frame")
+    assert body["id"] == "old" and "camera state ended" in str(body["detail"])
+    daemon.stop()
+    client.close()
+
+
+def test_projector_is_released_when_idle_and_loaded_again(broker: Broker, door_video: Path) -> None:
+    daemon, client = start(broker, testmodels.tiny_text(), *vision_args(door_video), "vision.keep_loaded=false",
+                           "vision.idle_release=1")
+    client.wait_for(f"{daemon.base}/health", lambda m: payload_json(m)["projector"] == "released", timeout=30)
+    client.publish(f"{daemon.base}/describe", {"id": "again"})
+    assert response(client, daemon.base, "again")["tokens"]["image"] == 256
+    client.wait_for(f"{daemon.base}/health", lambda m: payload_json(m)["projector"] == "released"
+                    and payload_json(m)["turns"] == 1, timeout=30)
+    daemon.stop()
+    client.close()
+
+
+def test_speech_goes_to_the_model_as_native_audio(broker: Broker, question_wav: Path) -> None:
+    text, projector = testmodels.tiny_audio_pair()
+    daemon, client = start(broker, text, f"model.mmproj={projector}", "microphone.enabled=true",
+                           f"microphone.source={question_wav}", "microphone.realtime=false")
+    body = response(client, daemon.base)
+    assert body["source"] == "speech" and body["tokens"]["audio"] > 0 and "transcript" not in body
+    transcript = payload_json(client.wait_for(f"{daemon.base}/transcript")[0])
+    assert transcript["id"] == body["id"] and transcript["text"] is None and transcript["duration"] > 0.5
+    health = payload_json(client.wait_for(f"{daemon.base}/health")[-1])
+    assert health["speech"] == "native audio"
+    daemon.stop()
+    client.close()
+
+
+def test_speech_through_whisper_publishes_the_transcript_and_answers_it(broker: Broker, question_wav: Path) -> None:
+    daemon, client = start(broker, testmodels.tiny_text(), "microphone.enabled=true",
+                           f"microphone.source={question_wav}", "microphone.realtime=false",
+                           f"whisper.model={testmodels.tiny_whisper()}")
+    transcript = payload_json(client.wait_for(f"{daemon.base}/transcript")[0])
+    assert isinstance(transcript["text"], str) and transcript["text"]
+    body = response(client, daemon.base, transcript["id"])
+    assert body["source"] == "speech" and body["transcript"] == transcript["text"]
+    assert body["tokens"]["audio"] == 0
+    event = client.wait_for(f"{daemon.base}/event", lambda m: payload_json(m)["event_type"] == "transcript")[0]
+    assert payload_json(event)["text"] == transcript["text"]
+    daemon.stop()
+    client.close()
+
+
+def test_mqtt_trigger_takes_speech_only_inside_the_listen_window(broker: Broker, tmp_path: Path) -> None:
+    pcm, _ = compose([(0.3, espeak("Is anybody home?")), (6.0, espeak("Open the garage door."))], total_s=8.5)
+    wav = write_wav(tmp_path / "two.wav", pcm)
+    text, projector = testmodels.tiny_audio_pair()
+    daemon, client = start(broker, text, f"model.mmproj={projector}", "microphone.enabled=true",
+                           f"microphone.source={wav}", "listen.trigger=mqtt", "listen.follow_up=0")
+    first = payload_json(client.wait_for(f"{daemon.base}/transcript", timeout=30)[0])
+    client.publish(f"{daemon.base}/listen", {"seconds": 30})
+    client.wait_for(f"{daemon.base}/event", lambda m: payload_json(m)["event_type"] == "listening")
+    second = payload_json(client.wait_for(f"{daemon.base}/transcript", count=2, timeout=30)[1])
+    body = response(client, daemon.base, str(second["id"]))
+    assert body["source"] == "speech"
+    time.sleep(0.5)
+    assert not [m for m in client.on(f"{daemon.base}/response") if payload_json(m)["id"] == first["id"]]
+    daemon.stop()
+    client.close()
+
+
+@pytest.mark.parametrize(("frames", "answered"), [(moving_square, True), (still, False)])
+def test_motion_trigger_opens_a_listening_window(broker: Broker, tmp_path: Path, question_wav: Path,
+                                                 frames: Callable[[int, int, int], np.ndarray], answered: bool) -> None:
+    pcm, _ = compose([(2.5, espeak("What is at the front door?"))], total_s=5.0)
+    wav = write_wav(tmp_path / "late.wav", pcm)
+    video = write_video(tmp_path / "cam.avi", 90, fps=15.0, frame=frames)
+    text, projector = testmodels.tiny_audio_pair()
+    daemon, client = start(broker, text, f"model.mmproj={projector}", "microphone.enabled=true",
+                           f"microphone.source={wav}", "listen.trigger=motion", "camera.enabled=true",
+                           f"camera.source={video}", "motion.enabled=true", "motion.cooldown=1")
+    transcript = payload_json(client.wait_for(f"{daemon.base}/transcript", timeout=30)[0])
+    if answered:
+        client.wait_for(f"{daemon.base}/event", lambda m: payload_json(m)["event_type"] == "motion")
+        assert response(client, daemon.base, str(transcript["id"]))["source"] == "speech"
+    else:
+        time.sleep(2.0)
+        assert client.on(f"{daemon.base}/response") == []
+        assert not [m for m in client.on(f"{daemon.base}/event") if payload_json(m)["event_type"] == "motion"]
+    daemon.stop()
+    client.close()

@@ -1,0 +1,83 @@
+"""The engine's multimodal path on the tiny Gemma 3n + gemma3nv projector: image chunks evaluated from memory,
+their KV kept while the image is the same, the projector released and loaded again, clean errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import testmodels
+
+from agent.brain import EngineError, Model, Request
+from agent.config import ModelConfig
+from agent.projector import Media
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[Model]:
+    m = Model(ModelConfig(path=str(testmodels.tiny_text()), mmproj=str(testmodels.tiny_vision_projector()),
+                          temperature=0.0, max_tokens=6, n_ctx=2048))
+    yield m
+    m.release_projector()
+    m.close()
+
+
+def picture(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+
+
+def test_an_image_is_256_tokens_and_its_kv_is_reused_while_unchanged(model: Model) -> None:
+    image = picture(1)
+    first = model.generate(Request(text="What is this?", media=[Media("image", image)]))
+    assert first.image_tokens == 256 and first.prompt_tokens > 256
+    again = model.generate(Request(text="What is this?", media=[Media("image", image.copy())]))
+    assert again.cached_tokens == again.prompt_tokens - 1 and again.text == first.text
+    other = model.generate(Request(text="What is this?", media=[Media("image", picture(2))]))
+    assert other.cached_tokens < 40  # only the system prompt: a different image is evaluated afresh
+    text_only = model.generate(Request(text="And now without a picture?"))
+    assert text_only.image_tokens == 0
+
+
+def test_read_only_frames_are_accepted(model: Model) -> None:
+    image = picture(3)
+    image.flags.writeable = False
+    assert model.generate(Request(text="Hi", media=[Media("image", image)])).image_tokens == 256
+
+
+def test_bad_images_are_refused_cleanly(model: Model) -> None:
+    with pytest.raises(EngineError) as err:
+        model.generate(Request(text="Hi", media=[Media("image", np.zeros((10, 10), np.uint8))]))
+    assert err.value.code == "projector_error" and "HxWx3" in err.value.detail
+    with pytest.raises(EngineError) as err:
+        model.generate(Request(text="Hi", media=[Media("audio", np.zeros(1600, np.int16))]))
+    assert "cannot take audio" in err.value.detail
+
+
+def test_projector_release_and_reload(model: Model) -> None:
+    model.projector()
+    assert model.release_projector() and not model.projector_loaded
+    assert model.generate(Request(text="Hi", media=[Media("image", picture(4))])).image_tokens == 256
+    assert model.projector_loaded
+
+
+def test_a_model_without_projector_refuses_images() -> None:
+    plain = Model(ModelConfig(path=str(testmodels.tiny_text()), max_tokens=4, n_ctx=512, n_batch=256,
+                              n_ubatch=256))
+    with pytest.raises(EngineError) as err:
+        plain.generate(Request(text="Hi", media=[Media("image", picture(5))]))
+    assert err.value.code == "no_projector"
+    plain.close()
+
+
+def test_gguf_chat_template_is_used_when_present() -> None:
+    templated = Model(ModelConfig(path=str(testmodels.tiny_text(template=True)), max_tokens=4, n_ctx=512,
+                                  n_batch=256, n_ubatch=256, system_prompt="Be brief."))
+    assert templated.template is not None
+    from agent.prompt import Turn
+
+    rendered = templated.render([Turn("user", "Hello")])
+    assert rendered.startswith("<bos><start_of_turn>user\n") and rendered.endswith("<start_of_turn>model\n")
+    assert "Be brief." in rendered and "Hello" in rendered
+    assert templated.generate(Request(text="Hello")).completion_tokens > 0
+    templated.close()
