@@ -81,6 +81,8 @@ class Result:
     image_tokens: int = 0
     audio_tokens: int = 0
     transcript: str | None = None
+    queue_ms: float = 0.0  # waiting behind other turns
+    media_ms: float = 0.0  # encoding images/audio and evaluating them (part of ttft_ms)
 
     def payload(self) -> dict[str, Any]:
         extra = {} if self.transcript is None else {"transcript": self.transcript}
@@ -90,8 +92,32 @@ class Result:
                        "completion": self.completion_tokens, "image": self.image_tokens,
                        "audio": self.audio_tokens},
             "latency_ms": round(self.latency_ms, 1), "ttft_ms": round(self.ttft_ms, 1),
+            "queue_ms": round(self.queue_ms, 1), "media_ms": round(self.media_ms, 1),
             "prefill_tps": round(self.prefill_tps, 1), "decode_tps": round(self.decode_tps, 1),
         }
+
+
+class Backend(Protocol):
+    """What the Engine needs of a model: the local `Model` here, or `agent.remote.RemoteModel`."""
+
+    cfg: ModelConfig
+    projector_used: float
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def projector_loaded(self) -> bool: ...
+
+    def generate(self, request: Request, turns: list[Turn] | None = None,
+                 on_delta: Callable[[str, int], None] | None = None,
+                 cancel: threading.Event | None = None) -> Result: ...
+
+    def fits(self, turns: list[Turn], system: str | None, budget: int) -> bool: ...
+
+    def release_projector(self) -> bool: ...
+
+    def close(self) -> None: ...
 
 
 class Sink(Protocol):
@@ -102,6 +128,13 @@ class Sink(Protocol):
     def on_result(self, request: Request, result: Result) -> None: ...
 
     def on_error(self, request: Request, code: str, detail: str) -> None: ...
+
+
+def must_stop(cancel: threading.Event | None, deadline: float) -> str | None:
+    """"cancelled" or "deadline" when a running turn has to stop now, else None."""
+    if cancel is not None and cancel.is_set():
+        return "cancelled"
+    return "deadline" if time.monotonic() > deadline else None
 
 
 def available_cpus() -> int:
@@ -150,6 +183,7 @@ class Model:
     def __init__(self, cfg: ModelConfig, path: str | None = None, plan: memory.Plan | None = None) -> None:
         """`plan` (agent.memory.plan_for) picks mmap, repacking, ubatch, KV cache type and flash attention, and
         whether cold pages are dropped after loading; without one, llama.cpp's defaults and cfg.n_ubatch."""
+        memory.sleeping_openmp_waits()  # before llama_cpp's first import: libgomp reads it then
         import llama_cpp
 
         self.cfg = cfg
@@ -190,6 +224,8 @@ class Model:
         self._no_abort_cb = llama_cpp.ggml_abort_callback()
         self._set_abort = llama_cpp.llama_set_abort_callback
         self.template = self._load_template()
+        if cfg.lora:
+            self._apply_lora(cfg.lora, cfg.lora_scale)
         self.threads = threads
         self._projector: Projector | None = None
         self.projector_used = 0.0
@@ -222,6 +258,20 @@ class Model:
         log.info("projector released after %.0fs unused", time.monotonic() - self.projector_used)
         return True
 
+    def _apply_lora(self, path: str, scale: float) -> None:
+        """Load a GGUF LoRA adapter onto the model (freed with it) and enable it at `scale`. Done here rather
+        than through Llama(lora_path=...), which would turn mmap off and load the whole model into RAM."""
+        import llama_cpp
+
+        adapter = llama_cpp.llama_adapter_lora_init(self.llm._model.model, path.encode())
+        if not adapter:
+            raise ModelLoadError(f"{path}: llama.cpp could not load the LoRA adapter (it must be a GGUF LoRA made "
+                                 f"for {self.path}'s architecture and shapes)")
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+        if llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, adapters, 1, (ctypes.c_float * 1)(scale)):
+            raise ModelLoadError(f"{path}: llama.cpp could not enable the LoRA adapter")
+        log.info("LoRA adapter %s enabled at scale %.2f", path, scale)
+
     def _single_token(self, text: str) -> int | None:
         ids = self.llm.tokenize(text.encode(), add_bos=False, special=True)
         return ids[0] if len(ids) == 1 else None
@@ -242,6 +292,14 @@ class Model:
     @property
     def n_ctx(self) -> int:
         return int(self.llm.n_ctx())
+
+    @property
+    def name(self) -> str:
+        return str(self.llm.metadata.get("general.name", "Gemma"))
+
+    def fits(self, turns: list[Turn], system: str | None, budget: int) -> bool:
+        """Whether these turns plus an answer of `budget` tokens fit the context window."""
+        return len(self.tokenize(self.render(turns, system))) + budget <= self.n_ctx
 
     def render(self, turns: list[Turn], system: str | None = None) -> str:
         system = self.cfg.system_prompt if system is None else system
@@ -306,13 +364,15 @@ class Model:
         cached = min(self.cached_prefix(tokens), len(tokens) - 1)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces: list[str] = []
-        n_out, first_at, stop = 0, 0.0, "max_tokens"
+        n_out, first_at, stop, media_s = 0, 0.0, "max_tokens", 0.0
         self._abort_deadline, self._abort_event = deadline, cancel
         # The abort callback runs per graph node: armed for the prompt only, where one decode can take seconds.
         self._set_abort(self.llm._ctx.ctx, self._abort_cb, None)
         try:
             if prompt is not None:
+                media_began = time.monotonic()
                 self._feed_media(prompt)
+                media_s = time.monotonic() - media_began
             for token in self.llm.generate(
                 tokens, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, temp=cfg.temperature,
                 repeat_penalty=cfg.repeat_penalty, reset=True,
@@ -329,11 +389,8 @@ class Model:
                     pieces.append(text)
                     if on_delta is not None:
                         on_delta(text, len(pieces) - 1)
-                if cancel is not None and cancel.is_set():
-                    stop = "cancelled"
-                    break
-                if time.monotonic() > deadline:
-                    stop = "deadline"
+                if halted := must_stop(cancel, deadline):
+                    stop = halted
                     break
                 if n_out >= budget:
                     stop = "max_tokens" if budget == (request.max_tokens or cfg.max_tokens) else "context"
@@ -358,6 +415,7 @@ class Model:
             ttft_ms=prefill_s * 1000, latency_ms=(ended - started) * 1000,
             prefill_tps=(len(tokens) - cached) / prefill_s if prefill_s > 0 else 0.0,
             decode_tps=(n_out - 1) / decode_s if n_out > 1 and decode_s > 0 else 0.0,
+            queue_ms=(started - request.created) * 1000, media_ms=media_s * 1000,
             image_tokens=prompt.media_tokens("image") if prompt else 0,
             audio_tokens=prompt.media_tokens("audio") if prompt else 0,
             transcript=request.transcript,
@@ -403,7 +461,7 @@ _STOP = object()
 class Engine:
     """A worker thread serving requests one at a time from a bounded queue."""
 
-    def __init__(self, model: Model, queue_size: int, conversation: Conversation | None = None,
+    def __init__(self, model: Backend, queue_size: int, conversation: Conversation | None = None,
                  projector_idle: float | None = None) -> None:
         """`projector_idle`: release the projector after this many seconds without a media turn (None: keep)."""
         self.model = model
@@ -485,7 +543,7 @@ class Engine:
         budget = request.max_tokens or self.model.cfg.max_tokens
         while True:
             turns = [*self.conversation.history(), question]
-            if len(self.model.tokenize(self.model.render(turns, request.system))) + budget <= self.model.n_ctx:
+            if self.model.fits(turns, request.system, budget):
                 return turns
             if not self.conversation.forget_oldest():
                 return turns

@@ -77,7 +77,7 @@ def cmd_run(cfg: Config, _args: argparse.Namespace) -> int:
 
 def cmd_ask(cfg: Config, args: argparse.Namespace) -> int:
     from agent.brain import EngineError, ModelLoadError, Request
-    from agent.daemon import load_model, model_exit_code
+    from agent.daemon import model_exit_code, open_backend
     from agent.messages import clean_text
     from agent.modelfile import ModelFileError
 
@@ -86,8 +86,8 @@ def cmd_ask(cfg: Config, args: argparse.Namespace) -> int:
         print("gemma-agent: the question is empty", file=sys.stderr)
         return exitcodes.FAILURE
     try:
-        model = load_model(cfg)
-    except (ModelFileError, ModelLoadError) as exc:
+        model, _caps = open_backend(cfg)
+    except (ModelFileError, ModelLoadError, EngineError) as exc:
         log.error("%s", exc)
         return model_exit_code(exc)
     try:
@@ -105,14 +105,33 @@ def cmd_ask(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_check(cfg: Config, _args: argparse.Namespace) -> int:
-    from agent import memory
-    from agent.modelfile import ModelFileError, describe, verify
     from agent.publisher import Topics, probe_broker
 
-    code = exitcodes.OK
     topics = Topics(cfg.mqtt.prefix, cfg.device_id)
     print(f"config      {cfg.source}: ok")
     print(f"device      {cfg.device_id}; topics {topics.base}/#")
+    if cfg.model.backend == "remote":
+        from agent.remote import RemoteModel
+
+        unreachable = RemoteModel(cfg.model, cfg.remote).check()
+        print(f"model       remote {cfg.remote.url}: " + (f"PROBLEM: {unreachable}" if unreachable else "reachable"))
+        code = exitcodes.FAILURE if unreachable else exitcodes.OK
+    else:
+        code = check_model_file(cfg)
+    problem = probe_broker(cfg.mqtt, f"gemma-agent-{cfg.device_id}")
+    print(f"broker      mqtt{'s' if cfg.mqtt.tls.enabled else ''}://{cfg.mqtt.host}:{cfg.mqtt.port}: "
+          + (f"PROBLEM: {problem}" if problem else "reachable"))
+    if problem and code == exitcodes.OK:
+        code = exitcodes.FAILURE
+    return code
+
+
+def check_model_file(cfg: Config) -> int:
+    """Print what `check` finds about the model file and its memory plan; the exit code it implies."""
+    from agent import memory
+    from agent.modelfile import ModelFileError, describe, verify
+
+    code = exitcodes.OK
     try:
         info = verify(cfg.model.path, cfg.model.sha256)
         print("\n".join(describe(info)))
@@ -126,11 +145,6 @@ def cmd_check(cfg: Config, _args: argparse.Namespace) -> int:
     except ModelFileError as exc:
         print(f"model       PROBLEM: {exc}")
         code = exitcodes.EX_NOINPUT if exc.missing else exitcodes.EX_DATAERR
-    problem = probe_broker(cfg.mqtt, f"gemma-agent-{cfg.device_id}")
-    print(f"broker      mqtt{'s' if cfg.mqtt.tls.enabled else ''}://{cfg.mqtt.host}:{cfg.mqtt.port}: "
-          + (f"PROBLEM: {problem}" if problem else "reachable"))
-    if problem and code == exitcodes.OK:
-        code = exitcodes.FAILURE
     return code
 
 

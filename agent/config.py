@@ -46,10 +46,12 @@ class DeviceConfig:
 
 @dataclass
 class ModelConfig:
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "remote"] = "local"
     path: str = "models/gemma-3-270m-q4_k_m.gguf"
     sha256: str = opt("", pattern=r"^$|^[0-9a-fA-F]{64}$")
     mmproj: str = ""
+    lora: str = ""
+    lora_scale: float = opt(1.0, -10.0, 10.0)
     n_ctx: int = opt(2048, 256, 131072)
     n_threads: int = opt(0, 0, 256)
     n_batch: int = opt(512, 32, 8192)
@@ -67,6 +69,16 @@ class ModelConfig:
     system_prompt: str = (
         "You are a helpful assistant running on a small home device. Answer briefly and plainly."
     )
+
+
+@dataclass
+class RemoteConfig:
+    url: str = "http://127.0.0.1:8080"
+    model: str = ""
+    api_key: str = ""
+    timeout: float = opt(60.0, 1.0, 3600.0)
+    vision: bool = False
+    audio: bool = False
 
 
 @dataclass
@@ -221,6 +233,7 @@ class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     camera: CameraConfig = field(default_factory=CameraConfig)
     motion: MotionConfig = field(default_factory=MotionConfig)
@@ -278,7 +291,8 @@ def load(path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, 
         _put(data, key.strip().split("."), _Override(value), item)
         lines[key.strip()] = -1
     env = os.environ if environ is None else environ
-    for name, dotted in (("MQTT_USERNAME", "mqtt.username"), ("MQTT_PASSWORD", "mqtt.password")):
+    for name, dotted in (("MQTT_USERNAME", "mqtt.username"), ("MQTT_PASSWORD", "mqtt.password"),
+                         ("REMOTE_API_KEY", "remote.api_key")):
         if env.get(ENV_PREFIX + name):
             _put(data, dotted.split("."), _Override(env[ENV_PREFIX + name]), ENV_PREFIX + name)
             lines[dotted] = -2

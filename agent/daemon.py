@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent import exitcodes, package_version
-from agent.brain import Engine, EngineError, Model, ModelLoadError, Request, Result
+from agent.brain import Backend, Engine, EngineError, Model, ModelLoadError, Request, Result, available_cpus
 from agent.config import Config, ConfigError
 from agent.conversation import Conversation
 from agent.discovery import discovery_payload, discovery_topic
@@ -23,6 +23,7 @@ from agent.modelfile import ModelFileError, verify
 from agent.motion import MotionEvent
 from agent.outbox import Outbox
 from agent.publisher import Publisher
+from agent.remote import RemoteModel
 from agent.router import Caps, Router
 from agent.sdnotify import Heartbeat, Notifier, Watchdog
 from agent.senses import Heard, Senses
@@ -60,9 +61,26 @@ class MqttSink:
 def load_model(cfg: Config) -> Model:
     """Check the model file with our own header parser, then load it; raises ModelFileError/ModelLoadError."""
     info = verify(cfg.model.path, cfg.model.sha256)
+    if cfg.model.lora:
+        adapter = verify(cfg.model.lora)
+        if adapter.metadata.get("general.type") != "adapter" or adapter.arch != info.arch:
+            raise ModelFileError(f"{cfg.model.lora}: not a LoRA adapter for {info.arch} (general.type "
+                                 f"{adapter.metadata.get('general.type')!r}, arch {adapter.arch})")
     log.info("model file ok: %s (%s, %.1f MiB, %d tensors)", cfg.model.path, info.arch, info.size / 2**20,
              len(info.tensors))
     return Model(cfg.model)
+
+
+def open_backend(cfg: Config) -> tuple[Backend, Caps]:
+    """The model the engine talks to: loaded here (model.backend local), or a remote llama-server."""
+    if cfg.model.backend == "remote":
+        remote = RemoteModel(cfg.model, cfg.remote)
+        problem = remote.check()
+        if problem:  # not fatal: the server may come up later; each turn reports its own failure
+            log.warning("remote model server: %s", problem)
+        return remote, Caps(vision=cfg.remote.vision, audio=cfg.remote.audio)
+    model = load_model(cfg)
+    return model, probe_projector(model, cfg)
 
 
 def probe_projector(model: Model, cfg: Config) -> Caps:
@@ -113,8 +131,7 @@ class Daemon:
         self.notifier.status(f"loading model {cfg.model.path}")
         try:
             with self.notifier.extending(60, limit=MODEL_LOAD_LIMIT):
-                model = load_model(cfg)
-                caps = probe_projector(model, cfg)
+                model, caps = open_backend(cfg)
         except (ModelFileError, ModelLoadError, EngineError) as exc:
             log.error("%s", exc)
             self.notifier.status(f"failed: {exc}")
@@ -135,7 +152,7 @@ class Daemon:
         self.router = Router(cfg, self.engine, self.publisher, self.sink, self.senses, policy, caps)
         if cfg.microphone.enabled:
             try:
-                self.listener = self.make_listener(policy, caps, model.threads)
+                self.listener = self.make_listener(policy, caps)
             except ConfigError as exc:
                 log.error("config error: %s", exc)
                 return exitcodes.EX_CONFIG
@@ -162,7 +179,7 @@ class Daemon:
             pass
         return self.shutdown()
 
-    def make_listener(self, policy: TurnPolicy, caps: Caps, threads: int) -> Listener:
+    def make_listener(self, policy: TurnPolicy, caps: Caps) -> Listener:
         """Native audio when the projector takes audio (listen.speech auto/native), else whisper.cpp; whisper
         also runs alongside native audio when the wake phrase needs a transcript."""
         cfg = self.cfg
@@ -173,7 +190,7 @@ class Daemon:
         stt = None
         if not native or cfg.listen.trigger == "wake_phrase":
             try:
-                stt = SpeechToText(cfg.whisper, cfg.whisper.threads or threads)
+                stt = SpeechToText(cfg.whisper, cfg.whisper.threads or cfg.model.n_threads or available_cpus())
             except SpeechToTextError as exc:
                 if cfg.listen.trigger == "wake_phrase":
                     raise ConfigError(f"listen.trigger is wake_phrase, which needs a transcript: {exc}") from None
@@ -248,7 +265,7 @@ class Daemon:
     def publish_discovery(self) -> None:
         if not self.cfg.homeassistant.enabled or self.publisher is None or self.engine is None:
             return
-        name = str(self.engine.model.llm.metadata.get("general.name", "Gemma"))
+        name = self.engine.model.name
         payload = discovery_payload(self.cfg, self.publisher.topics, package_version(), name)
         self.publisher.publish_json(discovery_topic(self.cfg), payload, retain=True)
         log.info("published Home Assistant discovery on %s", discovery_topic(self.cfg))

@@ -197,11 +197,14 @@ class Listener:
 
     def _process(self, heard: Heard) -> None:
         pcm = heard.utterance.pcm
+        began = time.monotonic()
         transcript = self.stt.transcribe(pcm) if self.stt is not None else None
+        stt_ms = (time.monotonic() - began) * 1000
         turn_id = new_id()
         decision = self.policy.decide(transcript)  # before the transcript goes out: what is heard next is later
         self._on_transcript({"id": turn_id, "text": transcript, "start": round(heard.start, 3),
-                             "end": round(heard.end, 3), "duration": round(heard.end - heard.start, 3)})
+                             "end": round(heard.end, 3), "duration": round(heard.end - heard.start, 3),
+                             "emitted": round(heard.emitted, 3), "stt_ms": round(stt_ms, 1)})
         if decision.reason == "phrase_only":
             self._on_event("listening", {"reason": "wake_phrase", "seconds": self.policy.cfg.window})
         if not decision.accept:

@@ -267,6 +267,7 @@ class Cpu:
     @classmethod
     def detect(cls) -> Cpu:
         """The features llama.cpp was built with and found (its system info), else /proc/cpuinfo's flags."""
+        sleeping_openmp_waits()
         try:
             import llama_cpp
 
@@ -297,6 +298,15 @@ class Cpu:
         if ty == Q.Q8_0:
             return (neon_i8 or neon_dot) and rows % 4 == 0
         return False
+
+
+def sleeping_openmp_waits() -> None:
+    """Let llama.cpp's OpenMP threads sleep at barriers instead of spinning, unless OMP_WAIT_POLICY or
+    GOMP_SPINCOUNT says otherwise. A spinning thread starves its partner when a core is also busy with something
+    else (camera, VAD, another process): decode fell to a third on a shared 2-core machine (bench/RESULTS.md).
+    libgomp reads the policy once, when llama_cpp is first imported, so this must run before that import."""
+    if "llama_cpp" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def _cpuinfo_features() -> set[str]:
@@ -495,8 +505,9 @@ def rss(status: str = "/proc/self/status") -> dict[str, int]:
 
 
 def candidates(model: ModelConfig, cfg: MemoryConfig, cpu: Cpu, info: GgufInfo, has_projector: bool) -> list[Setting]:
-    """Every setting the config allows, fastest first (the order measured in bench/RESULTS.md: repack beats the
-    rest; then a resident projector; then the largest ubatch (prefill); an f16 cache over q8_0)."""
+    """Every setting the config allows, best first (bench/RESULTS.md): repacking decodes faster; a resident
+    projector saves its load on each image; an f16 cache (exact) over q8_0 (no measurable speed difference here);
+    then the largest ubatch (prefill speed barely depends on it from 64 tokens up; it only costs memory)."""
     any_repack = any(cpu.repacks(t) for t in info.tensors)
     repacks = [True, False] if cfg.repack == "auto" else [bool(cfg.repack)]
     if not any_repack:
@@ -513,8 +524,8 @@ def candidates(model: ModelConfig, cfg: MemoryConfig, cpu: Cpu, info: GgufInfo, 
     out = []
     for repack in repacks:
         for resident in residency:
-            for ub in ubatches:
-                for kv in kv_types:
+            for kv in kv_types:
+                for ub in ubatches:
                     out.append(Setting(True, repack, model.n_ctx, kv, ub, resident, _flash(cfg, kv)))
     out.append(Setting(False, False, model.n_ctx, kv_types[0], ubatches[0], residency[0], _flash(cfg, kv_types[0])))
     return out

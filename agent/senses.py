@@ -27,6 +27,7 @@ class Heard:
     utterance: Utterance
     start: float
     end: float
+    emitted: float = 0.0  # wall-clock time the VAD let go of it (end + hangover + queueing)
 
 
 class Senses:
@@ -113,7 +114,7 @@ class Senses:
 
     def _emit(self, utterance: Utterance, started_at: float) -> None:
         self.utterances += 1
-        heard = Heard(utterance, started_at + utterance.start_ts, started_at + utterance.end_ts)
+        heard = Heard(utterance, started_at + utterance.start_ts, started_at + utterance.end_ts, time.time())
         try:
             self._on_heard(heard)
         except Exception:

@@ -10,9 +10,10 @@ planner's prediction next to the measurement (anonymous bytes; mapped file bytes
 per decoded token). Also: a memory-bandwidth probe and the roofline ratio (decode tok/s x bytes read per token /
 bandwidth), an image turn through a same-shape synthetic vision projector (engine-image), and a soak of N turns.
 
-Configurations: `engine` (agent.brain.Model with the agent.memory plan for memory.limit_mib), `raw` (llama_cpp.Llama
-with every default: n_ctx 512, n_ubatch 512, repack on, n_threads = cpu_count // 2), `raw-threads` (the same with
-the engine's thread count, to show what the defaults cost). Each `capped` in a cgroup of --limit-mib, else not.
+Configurations: `engine` (agent.brain.Model with the agent.memory plan for memory.limit_mib), `engine-spin` (the
+same with libgomp's default spinning barriers), `engine-image` (plan with the projector, plus an image turn), `raw`
+(llama_cpp.Llama with every default: n_ctx 512, n_ubatch 512, repack on, n_threads = cpu_count // 2), `raw-threads`
+(raw with the engine's thread count and n_ctx). Each `capped` in a cgroup of --limit-mib, else uncapped.
 
 Needs root (cgroup v2 with the memory controller if mounted, else v1 at /sys/fs/cgroup/memory); the cgroup is
 removed at the end. The synthetic models come from bench/synth_gemma3n.py. Examples:
@@ -166,8 +167,11 @@ def run_child(spec: dict[str, Any], cgroup: Cgroup | None, timeout: float) -> di
     out = tempfile.NamedTemporaryFile("w+", suffix=".jsonl", delete=False)  # noqa: SIM115
     err = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
     started = time.monotonic()
+    env = dict(os.environ)
+    if spec["mode"] == "engine-spin":  # libgomp's default spinning barrier (the engine otherwise sleeps)
+        env["GOMP_SPINCOUNT"] = "300000"
     proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=out,
-                            stderr=err, preexec_fn=enter_cgroup)
+                            stderr=err, preexec_fn=enter_cgroup, env=env)
     peak = {"RssAnon": 0, "RssFile": 0}
     usage_peak = 0
     status, rusage = 0, None
@@ -311,6 +315,9 @@ def report(results: dict[tuple[str, str], list[dict[str, Any]]], bw: dict[int, f
             raw_threads = med("raw-threads:capped", key)
             if capped and raw_threads:
                 ratios[f"{key}_engine_vs_raw_same_threads_capped"] = round(capped / raw_threads, 3)
+            spin = med("engine-spin:capped", key)
+            if capped and spin:
+                ratios[f"{key}_sleeping_vs_spinning_barriers_capped"] = round(capped / spin, 3)
         emit(event="ratios", model=name, threads=threads, **ratios)
 
 
@@ -513,8 +520,8 @@ def child_soak(spec: dict[str, Any]) -> None:
 
 
 def child(spec: dict[str, Any]) -> int:
-    modes = {"engine": child_engine, "engine-image": child_engine, "raw": child_raw, "raw-threads": child_raw,
-             "soak": child_soak}
+    modes = {"engine": child_engine, "engine-image": child_engine, "engine-spin": child_engine, "raw": child_raw,
+             "raw-threads": child_raw, "soak": child_soak}
     modes[spec["mode"]](spec)
     return 0
 
@@ -522,9 +529,11 @@ def child(spec: dict[str, Any]) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="q4_0,q4_k_m", help=f"comma-separated: {', '.join(MODELS)} or paths")
-    ap.add_argument("--configs", default="engine:uncapped,engine:capped,raw:capped,raw-threads:capped",
-                    help="comma-separated MODE:CAP, MODE engine | engine-image | raw | raw-threads, CAP capped | "
-                    "uncapped (engine-image: the plan includes the projector; an image turn follows the text turn)")
+    ap.add_argument("--configs", default="engine:uncapped,engine:capped,engine-spin:capped,raw:capped,"
+                    "raw-threads:capped",
+                    help="comma-separated MODE:CAP, MODE engine | engine-image | engine-spin | raw | raw-threads, "
+                    "CAP capped | uncapped (engine-image: the plan includes the projector and an image turn follows; "
+                    "engine-spin: libgomp's default spinning barriers instead of the engine's sleeping ones)")
     ap.add_argument("--limit-mib", type=int, default=2048, help="the cgroup's memory limit")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=256)

@@ -395,6 +395,24 @@ def gemma3n_text_tensors(shape: TextShape, n_vocab: int) -> list[TensorSpec]:
     return out
 
 
+def write_lora(path: str | os.PathLike[str], shape: TextShape, rank: int = 4, alpha: float = 8.0,
+               targets: tuple[str, ...] = ("attn_q", "attn_v")) -> Path:
+    """A LoRA adapter GGUF for a Gemma 3n text model of `shape`, laid out as llama.cpp's convert_lora_to_gguf.py
+    writes one: `<tensor>.lora_a` {n_in, rank} and `<tensor>.lora_b` {rank, n_out}, F32."""
+    outs = {"attn_q": shape.n_head * shape.head_dim, "attn_k": shape.n_head_kv * shape.head_dim,
+            "attn_v": shape.n_head_kv * shape.head_dim}
+    tensors = []
+    for i in range(shape.n_layer):
+        for target in targets:
+            name = f"blk.{i}.{target}.weight"
+            tensors += [TensorSpec(name + ".lora_a", (shape.n_embd, rank), Q.F32, scale=0.05),
+                        TensorSpec(name + ".lora_b", (rank, outs[target]), Q.F32, scale=0.05)]
+    kvs = [_kv("general.type", "adapter", GGUFValueType.STRING),
+           _kv("adapter.type", "lora", GGUFValueType.STRING),
+           _kv("adapter.lora.alpha", alpha, GGUFValueType.FLOAT32)]
+    return write_gguf(path, "gemma3n", kvs, tensors)
+
+
 def _kv(key: str, value: Any, vtype: GGUFValueType, sub: GGUFValueType | None = None) -> KV:
     return (key, value, vtype, sub)
 

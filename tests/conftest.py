@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,25 +19,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.demo import free_port, wait_port
+
+__all__ = ["free_port"]  # re-exported for the tests
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("GEMMA_AGENT_TEST_CACHE", Path.home() / ".cache" / "gemma-agent" / "test"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 class Broker:
@@ -59,7 +45,8 @@ class Broker:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=log, stderr=log)
-        wait_port(self.port)
+        if not wait_port(self.port):
+            raise TimeoutError(f"mosquitto did not listen on 127.0.0.1:{self.port}; see {self.log}")
 
     def stop(self, sig: signal.Signals = signal.SIGKILL) -> None:
         """Kill the broker (SIGKILL: a crash; SIGTERM: mosquitto saves its persistence database first)."""
@@ -146,12 +133,15 @@ def mqtt_client(broker: Broker) -> Iterator[Client]:
 
 @pytest.fixture(autouse=True)
 def no_leaked_daemons() -> Iterator[None]:
-    """Whatever a test asserts, the daemons it started are gone afterwards."""
-    yield
+    """Whatever a test asserts, the daemons it started are gone afterwards (module fixtures' daemons, started
+    before this fixture, are left to their own teardown)."""
     from daemon_proc import DaemonProcess
 
-    while DaemonProcess.running:
-        daemon = DaemonProcess.running.pop()
+    before = len(DaemonProcess.running)
+    yield
+    started = DaemonProcess.running[before:]
+    del DaemonProcess.running[before:]
+    for daemon in started:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.proc.kill()
             daemon.proc.communicate()

@@ -71,3 +71,9 @@ def tiny_whisper() -> Path:
     """Tiny whisper.cpp model (legacy ggml format) that pywhispercpp loads and runs; it transcribes nonsense."""
     shape = synth.WhisperShape()
     return _cached("whisper-tiny", ".bin", {"shape": repr(shape)}, lambda p: synth.write_whisper_ggml(p, shape))
+
+
+def tiny_lora() -> Path:
+    """A random LoRA adapter (attn_q, attn_v, rank 4) for tiny_text()."""
+    return _cached("gemma3n-tiny-lora", ".gguf", {"shape": repr(synth.TINY), "rank": 4},
+                   lambda p: synth.write_lora(p, synth.TINY))
