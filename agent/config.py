@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import reprlib
 import socket
 import stat
 import types
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from agent.yamlfile import YamlError, read_yaml, show
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 ENV_PREFIX = "GEMMA_AGENT_"
@@ -304,42 +305,14 @@ def load(path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        message = f"{path}: malformed YAML at {_mark(exc.problem_mark)}: {exc.problem or exc.context}"
-        if exc.context and exc.context_mark and exc.problem:
-            message += f" ({exc.context} at {_mark(exc.context_mark)})"
-        raise ConfigError(message) from None
-    except (yaml.YAMLError, RecursionError, ValueError) as exc:
-        raise ConfigError(f"{path}: malformed YAML: {exc}") from None
+        data, lines = read_yaml(path, "config file")
+    except YamlError as exc:
+        raise ConfigError(str(exc)) from None
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    lines: dict[str, int] = {}
-    _index_lines(node, "", lines)
     return data, lines
-
-
-def _mark(mark: yaml.Mark | None) -> str:
-    return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown position"
-
-
-def _index_lines(node: yaml.Node | None, prefix: str, lines: dict[str, int], seen: set[int] | None = None) -> None:
-    """Record the 1-based line of every mapping key, by dotted path (an aliased mapping only once: no alias bomb)."""
-    seen = set() if seen is None else seen
-    if not isinstance(node, yaml.MappingNode) or id(node) in seen:
-        return
-    seen.add(id(node))
-    for key_node, value_node in node.value:
-        dotted = f"{prefix}{key_node.value}"
-        lines.setdefault(dotted, key_node.start_mark.line + 1)
-        _index_lines(value_node, dotted + ".", lines, seen)
 
 
 def _put(data: dict[str, Any], keys: list[str], value: Any, origin: str) -> None:
@@ -371,7 +344,7 @@ def _build(cls: type, data: Any, prefix: str, where: _Where) -> Any:
     """Turn a mapping into dataclass `cls`, checking keys, types and ranges."""
     if not isinstance(data, dict):
         name = prefix.rstrip(".") or "<top level>"
-        raise ConfigError(f"{where.at(name)}: {name}: expected a mapping, got {_show(data)}")
+        raise ConfigError(f"{where.at(name)}: {name}: expected a mapping, got {show(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     hints = typing.get_type_hints(cls)
     for key in data:
@@ -395,7 +368,7 @@ def _convert(value: Any, hint: Any, meta: typing.Mapping[str, Any], dotted: str,
         value = str(value) if hint is str else _parse_override(value, dotted)
     got = _coerce(value, hint)
     if got is _BAD:
-        raise ConfigError(f"{where.at(dotted)}: {dotted}: expected {_describe(hint)}, got {_show(value)}")
+        raise ConfigError(f"{where.at(dotted)}: {dotted}: expected {_describe(hint)}, got {show(value)}")
     lo, hi, pattern = meta.get("min"), meta.get("max"), meta.get("pattern")
     if isinstance(got, (int, float)) and not isinstance(got, bool) and (
         (lo is not None and got < lo) or (hi is not None and got > hi)
@@ -455,16 +428,6 @@ def _describe(hint: Any) -> str:
     if origin is list:
         return f"a list of {_describe(typing.get_args(hint)[0])}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60  # bounded even for YAML alias bombs
-
-
-def _show(value: Any) -> str:
-    text = _REPR.repr(value)
-    text = text if len(text) <= 60 else text[:57] + "..."
-    return f"{text} ({type(value).__name__})"
 
 
 # --- cross-field checks ------------------------------------------------------------------------------

@@ -38,9 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, NoReturn
 
-import yaml
-
 from agent import exitcodes
+from agent.yamlfile import YamlError, read_yaml, show
 
 log = logging.getLogger("models.fetch")
 
@@ -119,35 +118,10 @@ def load_catalog(path: str | os.PathLike[str] | None = None) -> Catalog:
     """Read and validate a catalog (default: the one shipped next to this module)."""
     source = Path(path) if path is not None else CATALOG_PATH
     try:
-        text = source.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CatalogError(f"{source}: cannot read the catalog: {exc}") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise CatalogError(f"{source}: malformed YAML at {where}: {exc.problem or exc.context}") from None
-    except (yaml.YAMLError, RecursionError, ValueError) as exc:
-        raise CatalogError(f"{source}: malformed YAML: {exc}") from None
-    lines: dict[str, int] = {}
-    _index_lines(node, "", lines)
+        data, lines = read_yaml(source, "catalog")
+    except YamlError as exc:
+        raise CatalogError(str(exc)) from None
     return _Validator(str(source), lines).catalog(data)
-
-
-def _index_lines(node: yaml.Node | None, path: str, lines: dict[str, int]) -> None:
-    """Record the 1-based line of every mapping key and list item, by path (models.x.files[0].size)."""
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            sub = f"{path}.{key.value}" if path else str(key.value)
-            lines.setdefault(sub, key.start_mark.line + 1)
-            _index_lines(value, sub, lines)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            sub = f"{path}[{i}]"
-            lines.setdefault(sub, item.start_mark.line + 1)
-            _index_lines(item, sub, lines)
 
 
 class _Validator:
@@ -164,7 +138,7 @@ class _Validator:
 
     def mapping(self, value: Any, path: str, required: Sequence[str], optional: Sequence[str] = ()) -> dict:
         if not isinstance(value, dict):
-            self.fail(path, f"expected a mapping, got {_show(value)}")
+            self.fail(path, f"expected a mapping, got {show(value)}")
         for key in value:
             if key not in required and key not in optional:
                 self.fail(f"{path}.{key}" if path else str(key),
@@ -176,14 +150,14 @@ class _Validator:
 
     def text(self, value: Any, path: str) -> str:
         if not isinstance(value, str) or not value.strip():
-            self.fail(path, f"expected a non-empty string, got {_show(value)}")
+            self.fail(path, f"expected a non-empty string, got {show(value)}")
         return value.strip()
 
     def catalog(self, data: Any) -> Catalog:
         top = self.mapping(data, "", ["models"])
         entries = top["models"]
         if not isinstance(entries, dict) or not entries:
-            self.fail("models", f"expected a non-empty mapping of model names, got {_show(entries)}")
+            self.fail("models", f"expected a non-empty mapping of model names, got {show(entries)}")
         models = {}
         for name, entry in entries.items():
             if not isinstance(name, str) or not _NAME.match(name):
@@ -198,10 +172,10 @@ class _Validator:
                              ["mmproj", "pairs_with", "unavailable"])
         kind = entry["kind"]
         if kind not in KINDS:
-            self.fail(f"{path}.kind", f"expected one of {', '.join(KINDS)}, got {_show(kind)}")
+            self.fail(f"{path}.kind", f"expected one of {', '.join(KINDS)}, got {show(kind)}")
         files = entry["files"]
         if not isinstance(files, list) or not files:
-            self.fail(f"{path}.files", f"expected a non-empty list of files, got {_show(files)}")
+            self.fail(f"{path}.files", f"expected a non-empty list of files, got {show(files)}")
         unavailable = None
         if "unavailable" in entry:
             unavailable = self.text(entry["unavailable"], f"{path}.unavailable")
@@ -223,27 +197,27 @@ class _Validator:
         if (not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith(".")
                 or name.endswith(".part") or len(name) > 200 or "\x00" in name):
             self.fail(f"{path}.name",
-                      f"expected a plain file name (no '/', not hidden, not *.part), got {_show(name)}")
+                      f"expected a plain file name (no '/', not hidden, not *.part), got {show(name)}")
         size = item["size"]
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
-            self.fail(f"{path}.size", f"expected a positive byte count or null, got {_show(size)}")
+            self.fail(f"{path}.size", f"expected a positive byte count or null, got {show(size)}")
         sums: dict[str, str | None] = {}
         for algo in ("sha256", "sha1"):
             value = item.get(algo)
             if value is not None and not (isinstance(value, str) and _HEX[algo].match(value.lower())):
                 digits = 64 if algo == "sha256" else 40
                 self.fail(f"{path}.{algo}", f"expected {digits} hex digits (quoted if need be) or null, "
-                                            f"got {_show(value)}")
+                                            f"got {show(value)}")
             sums[algo] = value.lower() if isinstance(value, str) else None
         urls = item["urls"]
         if not isinstance(urls, dict):
-            self.fail(f"{path}.urls", f"expected a mapping of mirror name to URL, got {_show(urls)}")
+            self.fail(f"{path}.urls", f"expected a mapping of mirror name to URL, got {show(urls)}")
         for mirror, url in urls.items():
             if mirror not in MIRRORS:
                 self.fail(f"{path}.urls.{mirror}", f"unknown mirror (known: {', '.join(MIRRORS)})")
             if (not isinstance(url, str) or not url.startswith(("https://", "http://"))
                     or any(c.isspace() for c in url)):
-                self.fail(f"{path}.urls.{mirror}", f"expected an http(s) URL, got {_show(url)}")
+                self.fail(f"{path}.urls.{mirror}", f"expected an http(s) URL, got {show(url)}")
         if not urls and not unavailable:
             self.fail(f"{path}.urls", "no download URL: add one, or say why in the model's `unavailable`")
         return FileSpec(name, size, sums["sha256"], dict(urls), sums["sha1"])
@@ -264,11 +238,6 @@ class _Validator:
                 if other not in models or models[other].kind != "llm":
                     self.fail(f"models.{model.name}.pairs_with",
                               f"{other!r} is not an llm model in the catalog")
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
 
 
 # --- options, URLs ------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def test_top_level_must_be_mapping(tmp_path: Path) -> None:
 
 
 def test_missing_file() -> None:
-    with pytest.raises(ConfigError, match="cannot read config file"):
+    with pytest.raises(ConfigError, match="cannot read the config file"):
         load("/nonexistent/agent.yaml", environ={})
 
 
