@@ -7,6 +7,7 @@ import faulthandler
 import logging
 import random
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -139,7 +140,13 @@ class Daemon:
         conversation = Conversation(cfg.conversation.max_exchanges, cfg.conversation.idle_reset)
         self.engine = Engine(model, cfg.model.queue_size, conversation,
                              projector_idle=None if cfg.vision.keep_loaded else cfg.vision.idle_release)
-        self.outbox = Outbox(cfg.outbox_path(), cfg.outbox.max_messages, cfg.outbox.max_bytes, cfg.outbox.max_age)
+        try:
+            self.outbox = Outbox(cfg.outbox_path(), cfg.outbox.max_messages, cfg.outbox.max_bytes,
+                                 cfg.outbox.max_age)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("cannot open the outbox %s (outbox.path): %s", cfg.outbox_path(), exc)
+            self.notifier.status(f"failed: cannot open the outbox: {exc}")
+            return exitcodes.EX_CANTCREAT
         extra = (HA_STATUS,) if cfg.homeassistant.enabled else ()
         self.publisher = Publisher(cfg.mqtt, cfg.device_id, self.on_message, self.outbox, extra)
         for request_id, source in self.outbox.interrupted():

@@ -11,5 +11,5 @@ EX_DATAERR = 65  # the model file is not a usable GGUF (bad header, truncated, c
 EX_NOINPUT = 66  # the model file does not exist or cannot be read
 EX_UNAVAILABLE = 69  # a service the command needs is unavailable (demo: no broker could be started)
 EX_SOFTWARE = 70  # an internal error (a bug): the traceback is in the log
-EX_CANTCREAT = 73  # `models`: not enough disk space, or the models directory is not writable
+EX_CANTCREAT = 73  # `run`: the outbox (state directory) cannot be created; `models`: no disk space or not writable
 EX_CONFIG = 78  # the configuration is invalid: the message names the key and the line

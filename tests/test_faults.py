@@ -179,3 +179,14 @@ def test_a_model_that_fails_to_load_exits_65_with_a_status_and_is_not_restarted(
     unit = (ROOT / "systemd" / "gemma-agent.service").read_text()
     assert "RestartPreventExitStatus=65 66 78" in unit  # systemd does not restart into the same failure
     client.close()
+
+
+def test_an_outbox_that_cannot_be_created_exits_73(broker: Broker, gemma270m: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the state directory should be")
+    daemon = DaemonProcess(broker.port, gemma270m, f"outbox.path={blocker / 'outbox.sqlite3'}")
+    client = Client(broker.port)
+    daemon.start(client, wait_online=False)
+    assert daemon.wait() == 73
+    assert "cannot open the outbox" in daemon.log and "Traceback" not in daemon.log
+    client.close()
