@@ -8,7 +8,7 @@ from typing import Any
 from agent.config import Config
 from agent.publisher import Topics
 
-EVENT_TYPES = ["transcript", "response", "motion", "error"]
+EVENT_TYPES = ["transcript", "response", "motion", "error", "listening", "reset"]  # every event_type we publish
 
 
 def discovery_topic(cfg: Config) -> str:

@@ -80,6 +80,8 @@ def test_reset_button_and_ha_restart(agent_with_ha: tuple[DaemonProcess, Client,
     assert isinstance(cmps, dict)
     client.publish(cmps["reset"]["cmd_t"], cmps["reset"]["pl_prs"])
     client.wait_for(f"{daemon.base}/event", lambda m: payload_json(m)["event_type"] == "reset")
+    seen = {payload_json(m)["event_type"] for m in client.on(f"{daemon.base}/event")}
+    assert seen <= set(cmps["events"]["evt_typ"])  # Home Assistant drops event types it was not told about
     before = len(client.on(f"homeassistant/device/{daemon.device_id}/config"))
     client.publish("homeassistant/status", "online")
     client.wait_for(f"homeassistant/device/{daemon.device_id}/config", count=before + 1, timeout=15)
