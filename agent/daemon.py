@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent import exitcodes, package_version
+from agent import exitcodes, memory, package_version
 from agent.brain import Backend, Engine, EngineError, Model, ModelLoadError, Request, Result, available_cpus
 from agent.config import Config, ConfigError
 from agent.conversation import Conversation
@@ -69,7 +69,14 @@ def load_model(cfg: Config) -> Model:
                                  f"{adapter.metadata.get('general.type')!r}, arch {adapter.arch})")
     log.info("model file ok: %s (%s, %.1f MiB, %d tensors)", cfg.model.path, info.arch, info.size / 2**20,
              len(info.tensors))
-    return Model(cfg.model)
+    projector = verify(cfg.model.mmproj) if cfg.model.mmproj else None
+    try:  # the load setting that fits the memory budget (bench/RESULTS.md), or a refusal with the table
+        plan = memory.plan(info, cfg.model, cfg.memory, projector=projector)
+    except memory.MemoryPlanError as exc:
+        raise ModelLoadError(str(exc)) from None
+    for line in plan.lines(rows=4):
+        log.info("%s", line)
+    return Model(cfg.model, plan=plan)
 
 
 def open_backend(cfg: Config) -> tuple[Backend, Caps]:
@@ -86,14 +93,15 @@ def open_backend(cfg: Config) -> tuple[Backend, Caps]:
 
 def probe_projector(model: Model, cfg: Config) -> Caps:
     """Load model.mmproj once at start to learn what it takes (libmtmd's own answer, not the file's claims);
-    keep it loaded only when vision.keep_loaded. A projector that will not load stops the start (exit 65)."""
+    keep it loaded only when vision.keep_loaded and the memory plan has room for it. A projector that will not
+    load stops the start (exit 65)."""
     if not cfg.model.mmproj:
         return Caps()
     verify(cfg.model.mmproj)
     projector = model.projector()
     caps = Caps(vision=projector.vision, audio=projector.audio)
-    if not cfg.vision.keep_loaded:
-        model.release_projector()
+    if not cfg.vision.keep_loaded or not model.projector_resident:
+        model.release_projector("probed at start; loaded again for the first image")
     return caps
 
 

@@ -10,10 +10,11 @@ planner's prediction next to the measurement (anonymous bytes; mapped file bytes
 per decoded token). Also: a memory-bandwidth probe and the roofline ratio (decode tok/s x bytes read per token /
 bandwidth), an image turn through a same-shape synthetic vision projector (engine-image), and a soak of N turns.
 
-Configurations: `engine` (agent.brain.Model with the agent.memory plan for memory.limit_mib), `engine-spin` (the
-same with libgomp's default spinning barriers), `engine-image` (plan with the projector, plus an image turn), `raw`
-(llama_cpp.Llama with every default: n_ctx 512, n_ubatch 512, repack on, n_threads = cpu_count // 2), `raw-threads`
-(raw with the engine's thread count and n_ctx). Each `capped` in a cgroup of --limit-mib, else uncapped.
+Configurations: `engine` (agent.brain.Model with the agent.memory plan for memory.limit_mib), `engine-passive`
+(the same with OMP_WAIT_POLICY=PASSIVE: threads sleep at barriers), `engine-image` (plan with the projector, plus
+an image turn), `raw` (llama_cpp.Llama with every default: n_ctx 512, n_ubatch 512, repack on, n_threads =
+cpu_count // 2), `raw-threads` (raw with the engine's thread count and n_ctx 2048), `raw-norepack` / `raw-nommap`
+(raw-threads without CPU repacking / without mmap). `capped`: in a cgroup of --limit-mib, else uncapped.
 
 Needs root (cgroup v2 with the memory controller if mounted, else v1 at /sys/fs/cgroup/memory); the cgroup is
 removed at the end. The synthetic models come from bench/synth_gemma3n.py. Examples:
@@ -168,8 +169,8 @@ def run_child(spec: dict[str, Any], cgroup: Cgroup | None, timeout: float) -> di
     err = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
     started = time.monotonic()
     env = dict(os.environ)
-    if spec["mode"] == "engine-spin":  # libgomp's default spinning barrier (the engine otherwise sleeps)
-        env["GOMP_SPINCOUNT"] = "300000"
+    if spec["mode"] == "engine-passive":  # OpenMP threads sleep at barriers instead of spinning
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=out,
                             stderr=err, preexec_fn=enter_cgroup, env=env)
     peak = {"RssAnon": 0, "RssFile": 0}
@@ -251,6 +252,10 @@ def parent(args: argparse.Namespace) -> int:
         if not Path(path).exists():
             raise SystemExit(f"{path} is missing: build it with `.venv/bin/python bench/synth_gemma3n.py` ({name})")
     configs = [c for c in args.configs.split(",") if c]
+    variants = dict(v.split("=", 1) for v in args.variant) if args.variant else {}
+    if variants:  # each engine config once per variant: CONFIG@NAME, interleaved like the rest
+        configs = [f"{c}@{name}" if c.startswith("engine") else c for c in configs for name in variants
+                   if c.startswith("engine") or name == next(iter(variants))]
     cgroup = Cgroup(f"gemma-agent-bench-{os.getpid()}", args.limit_mib * MiB)
     emit(event="setup", cgroup=str(cgroup.path), cgroup_version=cgroup.version, limit_mib=args.limit_mib,
          threads=args.threads or memory_threads(), models=models, configs=configs, rounds=args.rounds)
@@ -264,7 +269,8 @@ def parent(args: argparse.Namespace) -> int:
             for name, path in models.items():
                 for config in configs:
                     kind, _, cap = config.partition(":")
-                    overrides = list(args.set)
+                    cap, _, variant = cap.partition("@")
+                    overrides = list(args.set) + [o for o in variants.get(variant, "").split(",") if o]
                     if kind == "engine-image":  # the plan then budgets for the projector too
                         overrides.append(f"model.mmproj={args.projector or PROJECTOR}")
                     spec = {"mode": kind, "model": path, "prompt_tokens": args.prompt_tokens,
@@ -282,7 +288,7 @@ def parent(args: argparse.Namespace) -> int:
 
 KEYS = ["load_s", "prefill_tps", "decode_tps", "peak_rss_anon_mib", "peak_rss_file_mib", "cgroup_peak_mib",
         "major_faults", "turn_major_faults", "oom_kills", "anon_error_pct", "file_error_pct", "hot_error_pct",
-        "image_ttft_s", "projector_growth_mib"]
+        "projector_peak_growth_mib", "after_turns_growth_mib"]
 
 
 def report(results: dict[tuple[str, str], list[dict[str, Any]]], bw: dict[int, float],
@@ -315,9 +321,9 @@ def report(results: dict[tuple[str, str], list[dict[str, Any]]], bw: dict[int, f
             raw_threads = med("raw-threads:capped", key)
             if capped and raw_threads:
                 ratios[f"{key}_engine_vs_raw_same_threads_capped"] = round(capped / raw_threads, 3)
-            spin = med("engine-spin:capped", key)
-            if capped and spin:
-                ratios[f"{key}_sleeping_vs_spinning_barriers_capped"] = round(capped / spin, 3)
+            passive = med("engine-passive:capped", key)
+            if capped and passive:
+                ratios[f"{key}_spinning_vs_sleeping_barriers_capped"] = round(capped / passive, 3)
         emit(event="ratios", model=name, threads=threads, **ratios)
 
 
@@ -422,8 +428,9 @@ def touched_per_token(model: Any, path: str, est: memory.Estimate) -> dict[str, 
 
 
 def image_turn(model: Any) -> dict[str, Any]:
-    """One 768 x 768 image through the engine (model.mmproj: a same-shape Gemma 3n vision projector), then 16
-    tokens; the projector is released afterwards (what an on-demand plan does)."""
+    """Two 768 x 768 images through the engine (model.mmproj: a same-shape Gemma 3n vision projector), 16 tokens
+    each. An on-demand plan loads the projector for each image and frees it before decoding; a resident one keeps
+    it. RssAnon is sampled every 20 ms for the peak."""
     projector = model.cfg.mmproj
     if not Path(projector).exists():
         return {"image": f"skipped: {projector} not found (bench/synth_gemma3n.py --vision writes it)"}
@@ -433,32 +440,50 @@ def image_turn(model: Any) -> dict[str, Any]:
     from agent.projector import Media
 
     before = memory.rss()["rss_anon"]
-    pixels = np.random.default_rng(0).integers(0, 256, size=(768, 768, 3), dtype=np.uint8)
-    result = model.generate(Request(text="Describe this.", max_tokens=16, media=[Media("image", pixels)]))
+    peak, done = [before], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], memory.rss()["rss_anon"])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    results = []
+    for seed in (0, 1):
+        pixels = np.random.default_rng(seed).integers(0, 256, size=(768, 768, 3), dtype=np.uint8)
+        results.append(model.generate(Request(text="Describe this.", max_tokens=16, media=[Media("image", pixels)])))
+    done.set()
+    sampler.join()
     after = memory.rss()["rss_anon"]
-    model.release_projector()
     weights, compute = memory.projector_bytes(inspect(projector))
-    return {"image": "ok", "image_tokens": result.image_tokens, "image_ttft_s": round(result.ttft_ms / 1000, 2),
-            "image_decode_tps": round(result.decode_tps, 2),
-            "projector_growth_mib": round((after - before) / MiB, 1),
+    return {"image": "ok", "image_tokens": results[0].image_tokens,
+            "image_ttft_s": [round(r.ttft_ms / 1000, 2) for r in results],
+            "image_media_s": [round(r.media_ms / 1000, 2) for r in results],
+            "image_decode_tps": [round(r.decode_tps, 2) for r in results],
+            "projector_peak_growth_mib": round((peak[0] - before) / MiB, 1),
             "projector_predicted_mib": round((weights + compute) / MiB, 1),
-            "after_release_mib": round((memory.rss()["rss_anon"] - before) / MiB, 1)}
+            "projector_resident": model.projector_loaded,
+            "after_turns_growth_mib": round((after - before) / MiB, 1)}
 
 
 def child_raw(spec: dict[str, Any]) -> None:
-    """llama-cpp-python as a user would call it: every default (n_ctx 512, threads = cpu_count // 2), unless
-    `threads` is given; the same rendered prompt as the engine's."""
+    """llama-cpp-python as a user would call it: every default (n_ctx 512, threads = cpu_count // 2); raw-threads
+    with the engine's threads and n_ctx 2048; raw-norepack / raw-nommap: raw-threads without CPU repacking /
+    without mmap. The same rendered prompt as the engine's."""
     import llama_cpp
 
     from agent.prompt import Turn, gemma_prompt
 
     kwargs: dict[str, Any] = {"verbose": False}
-    if spec["mode"] == "raw-threads":
-        kwargs.update(n_threads=spec["threads"] or memory_threads(), n_threads_batch=spec["threads"] or
-                      memory_threads(), n_ctx=2048)
+    mode = spec["mode"]
+    if mode != "raw":
+        threads = spec["threads"] or memory_threads()
+        kwargs.update(n_threads=threads, n_threads_batch=threads, n_ctx=2048, use_mmap=mode != "raw-nommap")
     started = time.monotonic()
-    llm = llama_cpp.Llama(model_path=spec["model"], **kwargs)
+    with memory.model_params(repack=mode != "raw-norepack"):
+        llm = llama_cpp.Llama(model_path=spec["model"], **kwargs)
     load = time.monotonic() - started
+    emit(load_s=round(load, 2), loaded_rss_anon_mib=round(memory.rss()["rss_anon"] / MiB, 1))
 
     class Shim:  # question() needs tokenize + render
         def tokenize(self, prompt: str) -> list[int]:
@@ -487,7 +512,8 @@ def child_raw(spec: dict[str, Any]) -> None:
 
 
 def child_soak(spec: dict[str, Any]) -> None:
-    """N consecutive turns of a growing conversation (oldest exchanges dropped when the context is full)."""
+    """N consecutive turns of a growing conversation; when the context is full the oldest half is dropped (so
+    prompts cycle between ~1000 and ~2000 tokens, with one full re-prefill per cycle rather than every turn)."""
     from agent.brain import Model, Request
     from agent.prompt import Turn
 
@@ -497,22 +523,25 @@ def child_soak(spec: dict[str, Any]) -> None:
     emit(plan=plan.summary())
     model = Model(cfg.model, plan=plan)
     history: list[Turn] = []
-    decode, prefill, worst_anon = [], [], 0
+    decode, prefill, worst_anon, longest, resets = [], [], 0, 0, 0
     for i in range(spec["turns"]):
         q = f"Question {i}: " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(12 + i % 40))
         turns = [*history, Turn("user", q)]
-        while len(history) > 2 and len(model.tokenize(model.render(turns))) + spec["decode_tokens"] > cfg.model.n_ctx:
-            history = history[2:]
+        if len(model.tokenize(model.render(turns))) + spec["decode_tokens"] > cfg.model.n_ctx:
+            history = history[len(history) // 4 * 2:]  # drop the oldest half, in whole exchanges
             turns = [*history, Turn("user", q)]
+            resets += 1
         result = model.generate(Request(text=q, max_tokens=spec["decode_tokens"]), turns=turns)
         history += [Turn("user", q), Turn("model", result.text)]
         decode.append(result.decode_tps)
         prefill.append(result.prefill_tps)
         worst_anon = max(worst_anon, memory.rss()["rss_anon"])
+        longest = max(longest, result.prompt_tokens)
         if (i + 1) % 20 == 0:
             emit(turn=i + 1, prompt_tokens=result.prompt_tokens, decode_tps=round(result.decode_tps, 2),
                  rss_anon_mib=round(worst_anon / MiB, 1))
-    emit(turns=len(decode), decode_tps=round(statistics.median(decode), 2),
+    emit(turns=len(decode), longest_prompt=longest, context_resets=resets,
+         decode_tps=round(statistics.median(decode), 2),
          decode_tps_min=round(min(decode), 2), prefill_tps=round(statistics.median(prefill), 2),
          predicted_anon_mib=round(plan.chosen.anon / MiB, 1) if plan.chosen else None,
          measured_anon_peak_mib=round(worst_anon / MiB, 1))
@@ -520,8 +549,8 @@ def child_soak(spec: dict[str, Any]) -> None:
 
 
 def child(spec: dict[str, Any]) -> int:
-    modes = {"engine": child_engine, "engine-image": child_engine, "engine-spin": child_engine, "raw": child_raw,
-             "raw-threads": child_raw, "soak": child_soak}
+    modes = {"engine": child_engine, "engine-image": child_engine, "engine-passive": child_engine, "raw": child_raw,
+             "raw-threads": child_raw, "raw-norepack": child_raw, "raw-nommap": child_raw, "soak": child_soak}
     modes[spec["mode"]](spec)
     return 0
 
@@ -529,17 +558,19 @@ def child(spec: dict[str, Any]) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="q4_0,q4_k_m", help=f"comma-separated: {', '.join(MODELS)} or paths")
-    ap.add_argument("--configs", default="engine:uncapped,engine:capped,engine-spin:capped,raw:capped,"
-                    "raw-threads:capped",
-                    help="comma-separated MODE:CAP, MODE engine | engine-image | engine-spin | raw | raw-threads, "
+    ap.add_argument("--configs", default="engine:uncapped,engine:capped,raw:capped,raw-threads:capped",
+                    help="comma-separated MODE:CAP, MODE engine | engine-image | engine-passive | raw | raw-threads "
+                    "| raw-norepack | raw-nommap, "
                     "CAP capped | uncapped (engine-image: the plan includes the projector and an image turn follows; "
-                    "engine-spin: libgomp's default spinning barriers instead of the engine's sleeping ones)")
+                    "engine-passive: OMP_WAIT_POLICY=PASSIVE, OpenMP threads sleep at barriers instead of spinning)")
     ap.add_argument("--limit-mib", type=int, default=2048, help="the cgroup's memory limit")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="engine threads (0: every CPU this process may use)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="agent config override")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                    help="run every engine config once per variant (its config overrides), interleaved: A/B tests")
     ap.add_argument("--projector", default="", help=f"vision projector GGUF (default {PROJECTOR})")
     ap.add_argument("--soak", type=int, default=0, help="run N consecutive turns under the cap instead")
     ap.add_argument("--soak-tokens", type=int, default=24, help="tokens per soak turn")

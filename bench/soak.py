@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -95,7 +96,13 @@ def main() -> int:
             payload: dict[str, Any] = {"id": rid, "text": f"Turn {n}: say something short."} if kind == "ask" \
                 else {"id": rid}
             client.publish(f"{daemon.base}/{kind}", payload)
-            msg = client.wait_for(f"{daemon.base}/+", answers(rid), timeout=120)[0]
+            try:
+                msg = client.wait_for(f"{daemon.base}/+", answers(rid), timeout=120)[0]
+            except AssertionError:  # no answer: have faulthandler print every thread's stack, then show them
+                daemon.signal(signal.SIGABRT)
+                daemon.wait()
+                print(daemon.log[-20000:], file=sys.stderr)
+                raise
             if msg.topic.endswith("/response"):
                 latency[kind].append(payload_json(msg)["latency_ms"])
             samples.append(sample(daemon.proc.pid))
@@ -116,6 +123,9 @@ def main() -> int:
             "seconds": round(time.monotonic() - started)}
     emit("rss_growth", 100 * (last - first) / first, "%", target="< 5", first_mib=round(first / 2**20, 1),
          last_mib=round(last / 2**20, 1), **meta)
+    deciles = [samples[min(len(samples) - 1, i * len(samples) // 10)] for i in range(10)] + [samples[-1]]
+    emit("rss_by_decile", last / 2**20, "MiB", rss_mib=[round(s["rss"] / 2**20, 1) for s in deciles],
+         rss_anon_mib=[round(s["rss_anon"] / 2**20, 1) for s in deciles])
     for key in ("fds", "threads"):
         emit(f"{key}_growth", samples[-1][key] - samples[tenth - 1][key], "count", first=samples[tenth - 1][key],
              last=samples[-1][key], target="0")

@@ -144,7 +144,7 @@ def no_leaked_daemons() -> Iterator[None]:
     for daemon in started:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.proc.kill()
-            daemon.proc.communicate()
+            daemon.proc.wait()
 
 
 def payload_json(msg: mqtt.MQTTMessage) -> Any:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 from typing import ClassVar
@@ -33,12 +34,19 @@ class DaemonProcess:
         self.cwd = cwd
         self.proc: subprocess.Popen[str] | None = None
         self.log = ""
+        self._lines: list[str] = []
+        self._reader: threading.Thread | None = None
 
     def start(self, client: Client, wait_online: bool = True) -> None:
         """Start the daemon; `client` must already be subscribed to the daemon's topics."""
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(agent_cmd(*self.args, "run"), cwd=self.cwd, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # Read the log as it comes, as journald would: an unread pipe fills after ~64 KiB and the daemon's next
+        # log line then blocks whichever thread writes it (a long soak stalled that way at turn ~400).
+        self._lines = []
+        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self._reader.start()
         DaemonProcess.running.append(self)
         if wait_online:
             client.wait_for(f"{self.base}/availability", lambda m: m.payload == b"online", timeout=60)
@@ -47,15 +55,22 @@ class DaemonProcess:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self._lines.append(line)
+
     def wait(self, timeout: float = 15) -> int:
-        assert self.proc is not None
+        assert self.proc is not None and self._reader is not None
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
+            self.proc.wait()
             raise
-        self.log = out
+        finally:
+            self._reader.join(timeout=10)
+            self.log = "".join(self._lines)
         return self.proc.returncode
 
     def stop(self) -> None:
