@@ -115,6 +115,20 @@ def test_projector_is_released_when_idle_and_loaded_again(broker: Broker, door_v
     client.close()
 
 
+def test_an_on_demand_memory_plan_loads_the_projector_only_for_each_image(broker: Broker, door_video: Path) -> None:
+    daemon, client = start(broker, testmodels.tiny_text(), *vision_args(door_video), "memory.mode=manual",
+                           "memory.projector=on_demand", "health.interval=1")
+    client.wait_for(f"{daemon.base}/health", lambda m: payload_json(m)["projector"] == "released", timeout=30)
+    for n in range(2):  # loaded for the image, freed before the answer is decoded, loaded again for the next
+        client.publish(f"{daemon.base}/describe", {"id": f"od{n}"})
+        assert response(client, daemon.base, f"od{n}")["tokens"]["image"] == 256
+    client.wait_for(f"{daemon.base}/health", lambda m: payload_json(m)["projector"] == "released"
+                    and payload_json(m)["turns"] == 2, timeout=30)
+    daemon.stop()
+    assert daemon.log.count("projector released (an on-demand plan)") == 2, daemon.log
+    client.close()
+
+
 def test_speech_goes_to_the_model_as_native_audio(broker: Broker, question_wav: Path) -> None:
     text, projector = testmodels.tiny_audio_pair()
     daemon, client = start(broker, text, f"model.mmproj={projector}", "microphone.enabled=true",
