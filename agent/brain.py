@@ -414,7 +414,8 @@ class Model:
                 on_delta(tail, len(pieces) - 1)
         ended = time.monotonic()
         # llama-cpp-python leaves each turn's sampler chain (12 bytes x vocabulary, 3 MiB for Gemma) in a reference
-        # cycle: collect it now, or RSS creeps up by ~30 MiB until Python's cyclic GC happens to run.
+        # cycle: collect it now, or RssAnon grows 3 MiB a turn until Python's cyclic GC happens to run (+75 MiB
+        # over 40 turns here), which under a tight plan evicts the hot weights (bench/RESULTS.md finding 10).
         gc.collect()
         first_at = first_at or ended
         prefill_s, decode_s = first_at - started, ended - first_at
