@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import ctypes
 import functools
-import gc
 import logging
 import os
 import queue
@@ -413,10 +412,7 @@ class Model:
             if on_delta is not None:
                 on_delta(tail, len(pieces) - 1)
         ended = time.monotonic()
-        # llama-cpp-python leaves each turn's sampler chain (12 bytes x vocabulary, 3 MiB for Gemma) in a reference
-        # cycle: collect it now, or RssAnon grows 3 MiB a turn until Python's cyclic GC happens to run (+75 MiB
-        # over 40 turns here), which under a tight plan evicts the hot weights (bench/RESULTS.md finding 10).
-        gc.collect()
+        self._free_sampler()
         first_at = first_at or ended
         prefill_s, decode_s = first_at - started, ended - first_at
         return Result(
@@ -430,6 +426,15 @@ class Model:
             audio_tokens=prompt.media_tokens("audio") if prompt else 0,
             transcript=request.transcript,
         )
+
+    def _free_sampler(self) -> None:
+        """Free this turn's sampler chain now. llama-cpp-python's generate() makes one per call (12 bytes x
+        vocabulary: 3 MiB for Gemma) whose only way out is a reference cycle, so RssAnon grew 3 MiB a turn until
+        Python's cyclic GC happened to run (+75 MiB over 40 turns), which under a tight memory plan evicts the hot
+        weights (bench/RESULTS.md finding 10). A full gc.collect() also works but costs ~10 ms a turn."""
+        sampler, self.llm._sampler = self.llm._sampler, None  # generate() makes a new one; sample() copes with None
+        if sampler is not None:
+            sampler.close()
 
     def _feed_media(self, prompt: Prompt) -> None:
         """Evaluate every piece before the last text piece that the KV cache does not already hold.

@@ -391,7 +391,7 @@ print(json.dumps(after))
 
 def test_anonymous_memory_does_not_grow_from_turn_to_turn() -> None:
     """The plan's margin assumes a turn leaves nothing behind: llama-cpp-python's per-turn sampler (3 MiB for
-    Gemma's vocabulary) sits in a reference cycle, which grew RssAnon 3 MiB a turn until the engine collected it;
+    Gemma's vocabulary) sits in a reference cycle, which grew RssAnon 3 MiB a turn until the engine freed it itself;
     under a 2 GiB cap on E2B that growth pushed out the hot weights and decode fell to 0.11 tok/s."""
     proc = subprocess.run([sys.executable, "-c", GROWTH_CHILD, str(testmodels.tiny_text())], capture_output=True,
                           text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
