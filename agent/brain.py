@@ -406,13 +406,13 @@ class Model:
             stop = "deadline" if time.monotonic() > deadline else "cancelled"
         finally:
             self._set_abort(self.llm._ctx.ctx, self._no_abort_cb, None)
+            self._free_sampler()
         tail = decoder.decode(b"", final=True)
         if tail:
             pieces.append(tail)
             if on_delta is not None:
                 on_delta(tail, len(pieces) - 1)
         ended = time.monotonic()
-        self._free_sampler()
         first_at = first_at or ended
         prefill_s, decode_s = first_at - started, ended - first_at
         return Result(
