@@ -94,10 +94,9 @@ def open_backend(cfg: Config) -> tuple[Backend, Caps]:
 def probe_projector(model: Model, cfg: Config) -> Caps:
     """Load model.mmproj once at start to learn what it takes (libmtmd's own answer, not the file's claims);
     keep it loaded only when vision.keep_loaded and the memory plan has room for it. A projector that will not
-    load stops the start (exit 65)."""
+    load stops the start (exit 65). load_model has already checked its header."""
     if not cfg.model.mmproj:
         return Caps()
-    verify(cfg.model.mmproj)
     projector = model.projector()
     caps = Caps(vision=projector.vision, audio=projector.audio)
     if not cfg.vision.keep_loaded or not model.projector_resident:

@@ -171,12 +171,17 @@ def _events(reply: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
         yield json.loads(data)
 
 
-def _media_part(media: Media) -> dict[str, Any]:
+def png_data_url(pixels: np.ndarray) -> str:
+    """An RGB frame as a `data:image/png;base64,...` URL (what OpenAI-style chat APIs take)."""
     buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _media_part(media: Media) -> dict[str, Any]:
     if media.kind == "image":
-        Image.fromarray(np.ascontiguousarray(media.data)).save(buffer, format="PNG")
-        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-        return {"type": "image_url", "image_url": {"url": url}}
+        return {"type": "image_url", "image_url": {"url": png_data_url(media.data)}}
+    buffer = io.BytesIO()
     pcm = media.data if media.data.dtype == np.int16 else (np.clip(media.data, -1, 1) * 32767).astype(np.int16)
     with wave.open(buffer, "wb") as wav:
         wav.setnchannels(1)
