@@ -27,6 +27,12 @@ ENV_PREFIX = "GEMMA_AGENT_"
 TOPIC_SAFE = r"^[A-Za-z0-9_-]{1,64}$"
 
 
+RENAMED = {  # keys of earlier versions -> where that setting lives now (named in the unknown-key error)
+    "vision.keep_loaded": "memory.projector",
+    "vision.idle_release": "memory.projector",
+}
+
+
 class ConfigError(Exception):
     """A configuration problem, worded for the person who wrote the config."""
 
@@ -157,8 +163,6 @@ class VisionConfig:
     describe_prompt: str = "Describe what the camera sees in one or two short sentences."
     motion_describe: bool = False
     motion_cooldown: float = opt(60.0, 0.0, 86400.0)
-    keep_loaded: bool = True
-    idle_release: float = opt(300.0, 1.0, 86400.0)
 
 
 @dataclass
@@ -220,7 +224,13 @@ class MemoryConfig:
     repack: Literal["auto"] | bool = "auto"
     kv_type: Literal["auto", "f16", "q8_0"] = "auto"
     flash_attn: Literal["auto"] | bool = "auto"
-    projector: Literal["auto", "resident", "on_demand"] = "auto"
+    # auto | resident | on_demand | seconds: loaded on use, released after that long without a media turn
+    projector: Literal["auto", "resident", "on_demand"] | float = opt("auto", 1.0, 86400.0)
+
+    @property
+    def projector_idle_release(self) -> float | None:
+        """Seconds after which an unused projector is released (None: never, or the plan decides)."""
+        return None if isinstance(self.projector, str) else float(self.projector)
     release_cold: Literal["auto"] | bool = "auto"
 
 
@@ -351,7 +361,8 @@ def _build(cls: type, data: Any, prefix: str, where: _Where) -> Any:
         if key not in fields:
             dotted = f"{prefix}{key}"
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"{where.at(dotted)}: unknown key {dotted!r} (known here: {known})")
+            moved = f"; it is now {RENAMED[dotted]}" if dotted in RENAMED else ""
+            raise ConfigError(f"{where.at(dotted)}: unknown key {dotted!r}{moved} (known here: {known})")
     values = {}
     for name, value in data.items():
         dotted = f"{prefix}{name}"
@@ -470,3 +481,11 @@ def default_path(environ: typing.Mapping[str, str] | None = None) -> Path | None
         if candidate.is_file():
             return candidate
     return None
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (what `n_threads: 0` means)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

@@ -1,12 +1,12 @@
 """Engine overhead vs raw llama-cpp-python, and what system-prompt prefix reuse saves. One JSON line per figure.
 
 Same model, same prompt, same process, rounds interleaved (the machine is noisy: compare ratios of medians).
-- decode tokens/s and time to first token: gemma-agent's Model.generate vs llama-cpp-python's own streaming
+- decode tokens/s and time to first token: gemma-agent's LocalModel.generate vs llama-cpp-python's own streaming
   `create_completion` on a second Llama instance with the same parameters (target: engine >= 0.97x raw).
 - TTFT of a new question after the same ~300-token system prompt, vs the same prompt with a cold cache
   (target: <= 0.1x).
 
-    .venv/bin/python bench/engine_overhead.py [--model PATH] [--rounds 5] [--tokens 128]
+    .venv/bin/python -m bench.engine_overhead [--model PATH] [--rounds 5] [--tokens 128]
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.brain import Model, Request, available_cpus
-from agent.config import ModelConfig
-from agent.prompt import Turn
+from agent.config import ModelConfig, available_cpus
+from agent.llm.local import LocalModel
+from agent.turns.types import Request, Turn
 
 CACHE = Path.home() / ".cache" / "gemma-agent" / "test"
 SYSTEM = (
@@ -38,7 +38,7 @@ def default_model() -> str:
     return str(pkg.assemble(CACHE / "gemma-3-270m-q4_k_m.gguf"))
 
 
-def system_prompt(model: Model, target_tokens: int = 300) -> str:
+def system_prompt(model: LocalModel, target_tokens: int = 300) -> str:
     text = SYSTEM
     while len(model.tokenize(text)) < target_tokens:
         text += SYSTEM
@@ -67,7 +67,7 @@ def raw_turn(llm: Any, prompt: str, tokens: int) -> tuple[float, float, int]:
     return first - started, (n - 1) / (ended - first) if n > 1 else 0.0, n
 
 
-def engine_turn(model: Model, text: str, tokens: int, cold: bool) -> tuple[float, float, int]:
+def engine_turn(model: LocalModel, text: str, tokens: int, cold: bool) -> tuple[float, float, int]:
     if cold:
         model.llm.reset()
     result = model.generate(Request(text=text, max_tokens=tokens))
@@ -86,7 +86,7 @@ def main() -> None:
 
     cfg = ModelConfig(path=path, temperature=0.0, n_ctx=2048, n_threads=args.threads, max_tokens=args.tokens,
                       system_prompt="")
-    model = Model(cfg)
+    model = LocalModel(cfg)
     cfg.system_prompt = system_prompt(model)
     raw = llama_cpp.Llama(model_path=path, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
                           verbose=False)

@@ -10,7 +10,7 @@ planner's prediction next to the measurement (anonymous bytes; mapped file bytes
 per decoded token). Also: a memory-bandwidth probe and the roofline ratio (decode tok/s x bytes read per token /
 bandwidth), an image turn through a same-shape synthetic vision projector (engine-image), and a soak of N turns.
 
-Configurations: `engine` (agent.brain.Model with the agent.memory plan for memory.limit_mib), `engine-passive`
+Configurations: `engine` (agent.llm.local.LocalModel with the agent.memory plan for memory.limit_mib), `engine-passive`
 (the same with OMP_WAIT_POLICY=PASSIVE: threads sleep at barriers), `engine-image` (plan with the projector, plus
 an image turn), `raw` (llama_cpp.Llama with every default: n_ctx 512, n_ubatch 512, repack on, n_threads =
 cpu_count // 2), `raw-threads` (raw with the engine's thread count and n_ctx 2048), `raw-norepack` / `raw-nommap`
@@ -19,10 +19,10 @@ cpu_count // 2), `raw-threads` (raw with the engine's thread count and n_ctx 204
 Needs root (cgroup v2 with the memory controller if mounted, else v1 at /sys/fs/cgroup/memory); the cgroup is
 removed at the end. The synthetic models come from bench/synth_gemma3n.py. Examples:
 
-    sudo .venv/bin/python bench/memory_cap.py                       # E2B Q4_0 + Q4_K_M, 3 rounds
-    sudo .venv/bin/python bench/memory_cap.py --models q4_k_m --configs engine:capped,engine:uncapped --rounds 5
-    sudo .venv/bin/python bench/memory_cap.py --soak 200 --models q4_k_m     # 200 turns under the cap
-    sudo .venv/bin/python bench/memory_cap.py --set memory.repack=off ...    # any agent config override
+    sudo .venv/bin/python -m bench.memory_cap                       # E2B Q4_0 + Q4_K_M, 3 rounds
+    sudo .venv/bin/python -m bench.memory_cap --models q4_k_m --configs engine:capped,engine:uncapped --rounds 5
+    sudo .venv/bin/python -m bench.memory_cap --soak 200 --models q4_k_m     # 200 turns under the cap
+    sudo .venv/bin/python -m bench.memory_cap --set memory.repack=off ...    # any agent config override
 """
 
 from __future__ import annotations
@@ -40,12 +40,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from agent.config import load as load_config
+from agent.gguf import inspect
+from agent.llm import llama_shim
+from agent.memory import apply, probe
+from agent.memory import estimate as estimates
+from agent.memory import plan as planner
 
-from agent import memory  # noqa: E402
-from agent.config import load as load_config  # noqa: E402
-from agent.modelfile import inspect  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SYNTH = Path(os.environ.get("GEMMA_AGENT_SYNTH_CACHE", Path.home() / ".cache" / "gemma-agent" / "synth"))
 MODELS = {"q4_0": "gemma3n-e2b-synthetic-q4_0.gguf", "q4_k_m": "gemma3n-e2b-synthetic-q4_k_m.gguf",
@@ -69,7 +71,7 @@ class Cgroup:
     """A memory cgroup with a limit: v2 if the memory controller is available there, else v1."""
 
     def __init__(self, name: str, limit: int) -> None:
-        v2, v1 = memory._mounts("/proc/self/mountinfo")
+        v2, v1 = probe._mounts("/proc/self/mountinfo")
         if v2 is not None and "memory" in _read(v2 / "cgroup.controllers").split():
             self.version, self.path = 2, v2 / name
             self.path.mkdir(exist_ok=True)
@@ -171,7 +173,7 @@ def run_child(spec: dict[str, Any], cgroup: Cgroup | None, timeout: float) -> di
     env = dict(os.environ)
     if spec["mode"] == "engine-passive":  # OpenMP threads sleep at barriers instead of spinning
         env["OMP_WAIT_POLICY"] = "PASSIVE"
-    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=out,
+    proc = subprocess.Popen([sys.executable, "-m", "bench.memory_cap", "--child", json.dumps(spec)], stdout=out,
                             stderr=err, preexec_fn=enter_cgroup, env=env)
     peak = {"RssAnon": 0, "RssFile": 0}
     usage_peak = 0
@@ -250,7 +252,7 @@ def parent(args: argparse.Namespace) -> int:
     models = {name: str(SYNTH / MODELS[name]) if name in MODELS else name for name in args.models.split(",")}
     for name, path in models.items():
         if not Path(path).exists():
-            raise SystemExit(f"{path} is missing: build it with `.venv/bin/python bench/synth_gemma3n.py` ({name})")
+            raise SystemExit(f"{path} is missing: build it with `.venv/bin/python -m bench.synth_gemma3n` ({name})")
     configs = [c for c in args.configs.split(",") if c]
     variants = dict(v.split("=", 1) for v in args.variant) if args.variant else {}
     if variants:  # each engine config once per variant: CONFIG@NAME, interleaved like the rest
@@ -338,7 +340,7 @@ def soak(args: argparse.Namespace, models: dict[str, str], cgroup: Cgroup) -> in
 
 
 def memory_threads() -> int:
-    from agent.brain import available_cpus
+    from agent.config import available_cpus
 
     return available_cpus()
 
@@ -352,7 +354,7 @@ def agent_config(overrides: list[str]) -> Any:
 
 def question(model: Any, prompt_tokens: int) -> tuple[str, int]:
     """A user question whose rendered prompt (system + turn format) is `prompt_tokens` long."""
-    from agent.prompt import Turn
+    from agent.turns.types import Turn
 
     words = []
     i = 0
@@ -365,17 +367,18 @@ def question(model: Any, prompt_tokens: int) -> tuple[str, int]:
 
 
 def child_engine(spec: dict[str, Any]) -> None:
-    from agent.brain import Model, Request
+    from agent.llm.local import LocalModel
+    from agent.turns.types import Request
 
     cfg = agent_config(spec["overrides"] + [f"model.path={spec['model']}", f"model.n_threads={spec['threads']}",
                                             f"model.max_tokens={spec['decode_tokens']}"])
-    baseline = memory.python_baseline()
-    plan = memory.plan_for(cfg.model, cfg.memory, baseline=baseline)
+    baseline = probe.python_baseline()
+    plan = planner.plan_for(cfg.model, cfg.memory, baseline=baseline)
     emit(plan=plan.summary(), plan_lines=plan.lines())
     if plan.chosen is None:
         emit(refused=True)
         return
-    model = Model(cfg.model, plan=plan)
+    model = LocalModel(cfg.model, plan=plan)
     text, n_prompt = question(model, spec["prompt_tokens"])
     model.llm.reset()
     faults = major_faults()
@@ -383,8 +386,8 @@ def child_engine(spec: dict[str, Any]) -> None:
     faults = major_faults() - faults
     info = inspect(spec["model"])
     # what the planner predicts for this very turn (a prompt of n_prompt tokens, attending over them)
-    turn = memory.estimate(info, plan.chosen.setting, baseline=baseline, n_tokens=n_prompt, n_kv=n_prompt)
-    measured = memory.rss()
+    turn = estimates.estimate(info, plan.chosen.setting, baseline=baseline, n_tokens=n_prompt, n_kv=n_prompt)
+    measured = probe.rss()
     emit(load_s=round(model.load_seconds, 2), prompt_tokens=result.prompt_tokens,
          completion_tokens=result.completion_tokens, prefill_tps=round(result.prefill_tps, 2),
          decode_tps=round(result.decode_tps, 2), setting=plan.chosen.setting.label(),
@@ -394,7 +397,7 @@ def child_engine(spec: dict[str, Any]) -> None:
          predicted_hot_mib=round(plan.chosen.hot_file / MiB, 1), release_cold=plan.release_cold,
          turn_major_faults=faults)
     if spec.get("measure_hot"):
-        model_file = memory.file_rss(spec["model"])
+        model_file = probe.file_rss(spec["model"])
         expected = turn.hot_file if plan.release_cold else turn.mapped_file  # dropped: only what turns touch
         emit(predicted_file_mib=round(expected / MiB, 1), measured_file_mib=round(model_file / MiB, 1),
              file_error_pct=round(100 * (expected - model_file) / model_file, 1))
@@ -409,7 +412,7 @@ def major_faults() -> int:
     return int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[9])
 
 
-def touched_per_token(model: Any, path: str, est: memory.Estimate) -> dict[str, Any]:
+def touched_per_token(model: Any, path: str, est: estimates.Estimate) -> dict[str, Any]:
     """File bytes one decoded token maps: unmap the whole model file (the pages stay cached), decode one token,
     read the file's resident share again. Compared with the planner's hot bytes."""
     import mmap
@@ -418,10 +421,10 @@ def touched_per_token(model: Any, path: str, est: memory.Estimate) -> dict[str, 
     token = model.llm.tokenize(b" sea", add_bos=False)[0]
     samples = []
     for _ in range(3):
-        memory.advise(path, [(0, info.size)], mmap.MADV_DONTNEED)
-        before = memory.file_rss(path)
+        apply.advise(path, [(0, info.size)], mmap.MADV_DONTNEED)
+        before = probe.file_rss(path)
         model.llm.eval([token])
-        samples.append(memory.file_rss(path) - before)
+        samples.append(probe.file_rss(path) - before)
     touched = statistics.median(samples)
     return {"touched_per_token_mib": round(touched / MiB, 1), "hot_error_pct": round(100 * (est.hot_file - touched)
                                                                                       / touched, 1)}
@@ -436,15 +439,14 @@ def image_turn(model: Any) -> dict[str, Any]:
         return {"image": f"skipped: {projector} not found (bench/synth_gemma3n.py --vision writes it)"}
     import numpy as np
 
-    from agent.brain import Request
-    from agent.projector import Media
+    from agent.turns.types import Media, Request
 
-    before = memory.rss()["rss_anon"]
+    before = probe.rss()["rss_anon"]
     peak, done = [before], threading.Event()
 
     def sample() -> None:
         while not done.wait(0.02):
-            peak[0] = max(peak[0], memory.rss()["rss_anon"])
+            peak[0] = max(peak[0], probe.rss()["rss_anon"])
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -454,8 +456,8 @@ def image_turn(model: Any) -> dict[str, Any]:
         results.append(model.generate(Request(text="Describe this.", max_tokens=16, media=[Media("image", pixels)])))
     done.set()
     sampler.join()
-    after = memory.rss()["rss_anon"]
-    weights, compute = memory.projector_bytes(inspect(projector))
+    after = probe.rss()["rss_anon"]
+    weights, compute = estimates.projector_bytes(inspect(projector))
     return {"image": "ok", "image_tokens": results[0].image_tokens,
             "image_ttft_s": [round(r.ttft_ms / 1000, 2) for r in results],
             "image_media_s": [round(r.media_ms / 1000, 2) for r in results],
@@ -472,7 +474,8 @@ def child_raw(spec: dict[str, Any]) -> None:
     without mmap. The same rendered prompt as the engine's."""
     import llama_cpp
 
-    from agent.prompt import Turn, gemma_prompt
+    from agent.llm.prompt import gemma_prompt
+    from agent.turns.types import Turn
 
     kwargs: dict[str, Any] = {"verbose": False}
     mode = spec["mode"]
@@ -480,10 +483,10 @@ def child_raw(spec: dict[str, Any]) -> None:
         threads = spec["threads"] or memory_threads()
         kwargs.update(n_threads=threads, n_threads_batch=threads, n_ctx=2048, use_mmap=mode != "raw-nommap")
     started = time.monotonic()
-    with memory.model_params(repack=mode != "raw-norepack"):
+    with llama_shim.model_params(repack=mode != "raw-norepack"):
         llm = llama_cpp.Llama(model_path=spec["model"], **kwargs)
     load = time.monotonic() - started
-    emit(load_s=round(load, 2), loaded_rss_anon_mib=round(memory.rss()["rss_anon"] / MiB, 1))
+    emit(load_s=round(load, 2), loaded_rss_anon_mib=round(probe.rss()["rss_anon"] / MiB, 1))
 
     class Shim:  # question() needs tokenize + render
         def tokenize(self, prompt: str) -> list[int]:
@@ -514,14 +517,14 @@ def child_raw(spec: dict[str, Any]) -> None:
 def child_soak(spec: dict[str, Any]) -> None:
     """N consecutive turns of a growing conversation; when the context is full the oldest half is dropped (so
     prompts cycle between ~1000 and ~2000 tokens, with one full re-prefill per cycle rather than every turn)."""
-    from agent.brain import Model, Request
-    from agent.prompt import Turn
+    from agent.llm.local import LocalModel
+    from agent.turns.types import Request, Turn
 
     cfg = agent_config(spec["overrides"] + [f"model.path={spec['model']}", f"model.n_threads={spec['threads']}",
                                             f"model.max_tokens={spec['decode_tokens']}"])
-    plan = memory.plan_for(cfg.model, cfg.memory)
+    plan = planner.plan_for(cfg.model, cfg.memory)
     emit(plan=plan.summary())
-    model = Model(cfg.model, plan=plan)
+    model = LocalModel(cfg.model, plan=plan)
     history: list[Turn] = []
     decode, prefill, worst_anon, longest, resets = [], [], 0, 0, 0
     for i in range(spec["turns"]):
@@ -535,7 +538,7 @@ def child_soak(spec: dict[str, Any]) -> None:
         history += [Turn("user", q), Turn("model", result.text)]
         decode.append(result.decode_tps)
         prefill.append(result.prefill_tps)
-        worst_anon = max(worst_anon, memory.rss()["rss_anon"])
+        worst_anon = max(worst_anon, probe.rss()["rss_anon"])
         longest = max(longest, result.prompt_tokens)
         if (i + 1) % 20 == 0:
             emit(turn=i + 1, prompt_tokens=result.prompt_tokens, decode_tps=round(result.decode_tps, 2),

@@ -10,7 +10,7 @@ One JSON line per figure (media synthesized by tests/media.py: espeak-ng speech,
 - perception_cpu: process CPU time over wall time with the camera replaying a 640x480 file at 15 fps + motion
   detector subscribed + microphone replaying speech in real time + VAD (target < 10 % of one core).
 
-    .venv/bin/python bench/perception.py [--seconds 20]
+    .venv/bin/python -m bench.perception [--seconds 20]
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -30,15 +29,13 @@ from typing import Any
 import numpy as np
 import webrtcvad
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import media  # the test media helpers
-
 from agent.config import CameraConfig, MicrophoneConfig, MotionConfig, VadConfig
-from agent.frames import FramePreparer
-from agent.motion import MotionDetector
-from agent.vad import Segmenter, Utterance
+from agent.perception.frames import FramePreparer
+from agent.perception.motion import MotionDetector
+from agent.perception.vad import Segmenter, Utterance
 from devices.camera import Camera, Frame
 from devices.microphone import Microphone
+from tests.support import media
 
 SENTENCES = ["Turn on the kitchen lights please.", "What is the weather like tomorrow morning?",
              "Remind me to call my sister at six.", "Is the front door locked?"]

@@ -8,7 +8,7 @@ video. After every answer it samples the daemon's RSS, open file descriptors and
 Reports: RSS growth between the first and the last 10 % of turns (target < 5 %), fd and thread counts (target: no
 growth), turn latency p50/p95 per kind, errors, OOM kills.
 
-    sudo .venv/bin/python bench/soak.py [--turns 300] [--limit-mib 1024]
+    sudo .venv/bin/python -m bench.soak [--turns 300] [--limit-mib 1024]
 """
 
 from __future__ import annotations
@@ -27,14 +27,13 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+from bench.memory_cap import Cgroup
+from tests.support import models as testmodels
+from tests.support.daemon import DaemonProcess
+from tests.support.media import compose, espeak, moving_square, write_video, write_wav
+from tests.support.mqtt import Broker, Client, payload_json
 
-import testmodels  # noqa: E402
-from conftest import Broker, Client, payload_json  # noqa: E402
-from daemon_proc import DaemonProcess  # noqa: E402
-from media import compose, espeak, moving_square, write_video, write_wav  # noqa: E402
-from memory_cap import Cgroup  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def emit(figure: str, value: float, unit: str, **extra: Any) -> None:

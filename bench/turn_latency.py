@@ -16,7 +16,7 @@ Part 2, in this process: tiny Gemma 3n + gemma3nv projector, same image size, sa
 the system prompt's KV and evaluates only the image and the question, the handler clears the cache every call.
 Target: engine time to first token <= 0.5x the handler's.
 
-    .venv/bin/python bench/turn_latency.py [--rounds 5]
+    .venv/bin/python -m bench.turn_latency [--rounds 5]
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,18 +31,19 @@ from typing import Any
 
 import numpy as np
 
+from agent.config import ModelConfig
+from agent.llm.local import LocalModel
+from agent.llm.remote import png_data_url
+from agent.turns.types import (
+    Media,
+    Request,
+)
+from tests.support import models as testmodels
+from tests.support.daemon import DaemonProcess
+from tests.support.media import compose, espeak, write_wav
+from tests.support.mqtt import Broker, Client, payload_json
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
-
-import testmodels  # noqa: E402
-from conftest import Broker, Client, payload_json  # noqa: E402
-from daemon_proc import DaemonProcess  # noqa: E402
-from media import compose, espeak, write_wav  # noqa: E402
-
-from agent.brain import Model, Request  # noqa: E402
-from agent.config import ModelConfig  # noqa: E402
-from agent.projector import Media  # noqa: E402
-from agent.remote import png_data_url  # noqa: E402
 
 SENTENCES = ["What is at the front door?", "Turn on the kitchen lights.", "Is it going to rain today?"]
 SYSTEM = "You are the voice of a small home device. Answer briefly. " * 6
@@ -101,7 +101,7 @@ def image_ttft(rounds: int) -> None:
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
     text, projector = testmodels.tiny_text(template=True), testmodels.tiny_vision_projector()
-    engine = Model(ModelConfig(path=str(text), mmproj=str(projector), temperature=0.0, max_tokens=1, n_ctx=2048,
+    engine = LocalModel(ModelConfig(path=str(text), mmproj=str(projector), temperature=0.0, max_tokens=1, n_ctx=2048,
                                system_prompt=SYSTEM))
     handler = Llama(model_path=str(text), n_ctx=2048, verbose=False,
                     chat_handler=MTMDChatHandler(clip_model_path=str(projector), verbose=False))

@@ -1,6 +1,6 @@
 """Camera: one latest-frame grabber over every OpenCV source, reconnecting on its own.
 
-`CameraConfig.source` picks the source:
+`CameraSettings.source` picks the source:
 
 - `0` / `"0"`: a V4L2 device by index; `"/dev/video0"`: by path. width, height and fps are requested from it.
 - an RTSP / HTTP(S) URL (`rtsp://user:pass@cam/stream`, an MJPEG `http://.../video`): FFmpeg, with open and
@@ -57,12 +57,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import cv2
 import numpy as np
-
-from agent.config import CameraConfig
 
 log = logging.getLogger("devices.camera")
 
@@ -71,6 +69,25 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 STREAM_TIMEOUT_MS = 10000  # FFmpeg open / read timeout for URLs
 STALL_S = 5.0  # no frame for this long while `ok`: reported as `lost`
 MAX_SKIP_S = 2.0  # a replay further behind than this restarts its clock instead of skipping
+
+
+class CameraSettings(Protocol):
+    """What the camera reads of its settings (the agent's `camera` config section satisfies it)."""
+
+    @property
+    def source(self) -> int | str: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+    @property
+    def fps(self) -> float: ...
+    @property
+    def loop(self) -> bool: ...
+    @property
+    def reconnect_min(self) -> float: ...
+    @property
+    def reconnect_max(self) -> float: ...
 
 
 class CameraError(Exception):
@@ -106,7 +123,7 @@ class _Stopped(Exception):
     """stop() was called while waiting."""
 
 
-def parse_source(cfg: CameraConfig) -> Source:
+def parse_source(cfg: CameraSettings) -> Source:
     """Classify cfg.source, or raise CameraError for one that can never work."""
     src = cfg.source
     if isinstance(src, bool):
@@ -138,7 +155,7 @@ def parse_source(cfg: CameraConfig) -> Source:
     return Source("path", text, text)
 
 
-def expand_pipeline(pipeline: str, cfg: CameraConfig) -> str:
+def expand_pipeline(pipeline: str, cfg: CameraSettings) -> str:
     """Replace {width}, {height} and {fps} (as a GStreamer fraction, 15/1) in a pipeline from the config."""
     rate = Fraction(cfg.fps).limit_denominator(1001)
     return (pipeline.replace("{width}", str(cfg.width)).replace("{height}", str(cfg.height))
@@ -155,7 +172,7 @@ def _has_gstreamer() -> bool:
 class Camera:
     """A latest-frame grabber; see the module docstring for sources, states and the subscriber contract."""
 
-    def __init__(self, cfg: CameraConfig) -> None:
+    def __init__(self, cfg: CameraSettings) -> None:
         self.cfg = cfg
         self.source = parse_source(cfg)
         self._state: State = "stopped"

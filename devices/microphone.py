@@ -1,6 +1,6 @@
 """Microphone: 16 kHz mono int16 frames of exactly the VAD frame length, from an input device or a WAV file.
 
-`MicrophoneConfig.source` picks the source:
+`MicrophoneSettings.source` picks the source:
 
 - `""`: the default input device; `3` or `"3"`: the device with that index; any other string that is not a
   `.wav` file: a device name, or a unique part of it (any case). `list_input_devices()` lists them.
@@ -37,17 +37,26 @@ import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
-
-from agent.config import MicrophoneConfig
 
 log = logging.getLogger("devices.microphone")
 
 RATE = 16000
 FRAME_MS = (10, 20, 30)
 State = Literal["starting", "ok", "ended", "lost", "stopped"]
+
+
+class MicrophoneSettings(Protocol):
+    """What the microphone reads of its settings (the agent's `microphone` config section satisfies it)."""
+
+    @property
+    def source(self) -> int | str: ...
+    @property
+    def realtime(self) -> bool: ...
+    @property
+    def queue_frames(self) -> int: ...
 
 
 class MicrophoneError(Exception):
@@ -259,7 +268,7 @@ _END = object()
 class Microphone:
     """Frames from a live input device or a WAV file, through one interface (see the module docstring)."""
 
-    def __init__(self, cfg: MicrophoneConfig, frame_ms: int = 30) -> None:
+    def __init__(self, cfg: MicrophoneSettings, frame_ms: int = 30) -> None:
         if frame_ms not in FRAME_MS:
             raise ValueError(f"frame_ms must be one of {FRAME_MS}, got {frame_ms!r}")
         self.cfg = cfg

@@ -1,58 +1,30 @@
-"""Shared fixtures: a real mosquitto on a free loopback port, the real Gemma 3 270M GGUF, an MQTT test client."""
+"""Shared fixtures: a real mosquitto on a free loopback port, the real Gemma 3 270M GGUF, an MQTT test client.
+
+Two tiers: tests marked `fast` (pure logic; `pytest -m fast` while working, well under 30 s) and the rest, marked
+`integration` here (real mosquitto, llama.cpp, espeak-ng, the daemon as a subprocess). A fast test that asks for
+the broker or a model fails at once rather than quietly becoming slow."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.demo import free_port, wait_port
+from tests.support.daemon import DaemonProcess
+from tests.support.mqtt import Broker, Client
+from tests.support.paths import CACHE
 
-__all__ = ["free_port"]  # re-exported for the tests
-
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("GEMMA_AGENT_TEST_CACHE", Path.home() / ".cache" / "gemma-agent" / "test"))
+SLOW_FIXTURES = {"broker", "gemma270m", "mqtt_client"}
 
 
-class Broker:
-    """A real mosquitto process; stop() and start() again on the same port for fault tests."""
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("fast") is None:
+            item.add_marker(pytest.mark.integration)
+        elif slow := SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(f"{item.nodeid} is marked fast but uses {sorted(slow)}")
 
-    def __init__(self, workdir: Path, extra_conf: str = "", persistence: bool = False) -> None:
-        self.port = free_port()
-        self.conf = workdir / f"mosquitto-{self.port}.conf"
-        # run as root, mosquitto switches to its own user unless told not to: then it cannot save into workdir
-        saved = "persistence false\n"
-        if persistence:
-            saved = f"persistence true\npersistence_location {workdir}/\nuser root\n"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{saved}{extra_conf}")
-        self.log = workdir / f"mosquitto-{self.port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=log, stderr=log)
-        if not wait_port(self.port):
-            raise TimeoutError(f"mosquitto did not listen on 127.0.0.1:{self.port}; see {self.log}")
-
-    def stop(self, sig: signal.Signals = signal.SIGKILL) -> None:
-        """Kill the broker (SIGKILL: a crash; SIGTERM: mosquitto saves its persistence database first)."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(10)
 
 
 @pytest.fixture(scope="session")
@@ -71,59 +43,6 @@ def gemma270m() -> Path:
     return Path(pkg.assemble(CACHE / "gemma-3-270m-q4_k_m.gguf"))
 
 
-class Client:
-    """A real paho client that records every message per topic and waits for the ones a test expects."""
-
-    def __init__(self, port: int, client_id: str | None = None, persistent: bool = False) -> None:
-        """`persistent`: a session the broker keeps across disconnects (and restarts, with persistence)."""
-        self.messages: list[mqtt.MQTTMessage] = []
-        self._cond = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
-                                  clean_session=not persistent)
-        self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        with self._cond:
-            self.messages.append(msg)
-            self._cond.notify_all()
-
-    def subscribe(self, *topics: str) -> None:
-        for topic in topics:
-            result, _mid = self.client.subscribe(topic, qos=1)
-            assert result == mqtt.MQTT_ERR_SUCCESS
-        time.sleep(0.2)  # SUBACK
-
-    def publish(self, topic: str, payload: str | bytes | dict[str, Any], retain: bool = False) -> None:
-        data = json.dumps(payload) if isinstance(payload, dict) else payload
-        self.client.publish(topic, data, qos=1, retain=retain).wait_for_publish(5)
-
-    def on(self, topic: str) -> list[mqtt.MQTTMessage]:
-        with self._cond:
-            return [m for m in self.messages if mqtt.topic_matches_sub(topic, m.topic)]
-
-    def wait_for(self, topic: str, match: Callable[[mqtt.MQTTMessage], bool] = lambda m: True,
-                 timeout: float = 60.0, count: int = 1) -> list[mqtt.MQTTMessage]:
-        """Wait until `count` messages on `topic` satisfy `match`; return them."""
-        end = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                found = [m for m in self.messages if mqtt.topic_matches_sub(topic, m.topic) and match(m)]
-                if len(found) >= count:
-                    return found
-                left = end - time.monotonic()
-                if left <= 0:
-                    seen = [(m.topic, m.payload[:120]) for m in self.messages[-10:]]
-                    raise AssertionError(f"timed out waiting for {count} message(s) on {topic}; last seen {seen}")
-                self._cond.wait(left)
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
 @pytest.fixture
 def mqtt_client(broker: Broker) -> Iterator[Client]:
     c = Client(broker.port)
@@ -135,8 +54,6 @@ def mqtt_client(broker: Broker) -> Iterator[Client]:
 def no_leaked_daemons() -> Iterator[None]:
     """Whatever a test asserts, the daemons it started are gone afterwards (module fixtures' daemons, started
     before this fixture, are left to their own teardown)."""
-    from daemon_proc import DaemonProcess
-
     before = len(DaemonProcess.running)
     yield
     started = DaemonProcess.running[before:]
@@ -147,10 +64,3 @@ def no_leaked_daemons() -> Iterator[None]:
             daemon.proc.wait()
 
 
-def payload_json(msg: mqtt.MQTTMessage) -> Any:
-    return json.loads(msg.payload)
-
-
-def agent_cmd(*args: str) -> list[str]:
-    """The command line that runs the CLI from this checkout, as a user would (python -m agent)."""
-    return [sys.executable, "-m", "agent", *args]

@@ -16,10 +16,12 @@ from typing import Any
 
 import cv2
 import pytest
-from media import frame_number, numbered_frame, write_image_folder, write_video
 
 from agent.config import CameraConfig
 from devices.camera import Camera, CameraError, Frame, expand_pipeline, parse_source
+from tests.support.media import frame_number, numbered_frame, write_image_folder, write_video
+
+pytestmark = pytest.mark.fast
 
 WAIT = 15.0  # generous deadline for anything the grabber should do soon
 Start = Callable[[CameraConfig], Camera]

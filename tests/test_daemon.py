@@ -10,8 +10,9 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import Broker, Client, payload_json
-from daemon_proc import DaemonProcess
+
+from tests.support.daemon import DaemonProcess
+from tests.support.mqtt import Broker, Client, payload_json
 
 
 @pytest.fixture(scope="module")

@@ -9,32 +9,35 @@ from pathlib import Path
 
 import pytest
 
-from agent.brain import Engine, EngineError, Model, Request, Result
 from agent.config import ModelConfig
-from agent.conversation import Conversation
+from agent.contract.codes import AgentError
+from agent.llm.engine import Engine
+from agent.llm.local import LocalModel
+from agent.turns.conversation import Conversation
+from agent.turns.types import Request, Result
 
 SYSTEM = "You are a helpful assistant. " * 12
 
 
 @pytest.fixture(scope="module")
-def model(gemma270m: Path) -> Iterator[Model]:
-    m = Model(ModelConfig(path=str(gemma270m), temperature=0.0, max_tokens=24, n_ctx=1024, system_prompt=SYSTEM))
+def model(gemma270m: Path) -> Iterator[LocalModel]:
+    m = LocalModel(ModelConfig(path=str(gemma270m), temperature=0.0, max_tokens=24, n_ctx=1024, system_prompt=SYSTEM))
     yield m
     m.close()
 
 
-def configure(model: Model, **changes: object) -> None:
+def configure(model: LocalModel, **changes: object) -> None:
     model.cfg = dataclasses.replace(model.cfg, **changes)  # type: ignore[arg-type]
 
 
 @pytest.fixture(autouse=True)
-def reset_config(model: Model) -> Iterator[None]:
+def reset_config(model: LocalModel) -> Iterator[None]:
     saved = model.cfg
     yield
     model.cfg = saved
 
 
-def test_stream_concatenates_to_the_final_text(model: Model) -> None:
+def test_stream_concatenates_to_the_final_text(model: LocalModel) -> None:
     deltas: list[tuple[str, int]] = []
     result = model.generate(Request(text="The capital of France is"), on_delta=lambda d, i: deltas.append((d, i)))
     assert result.text and result.completion_tokens > 0
@@ -42,14 +45,14 @@ def test_stream_concatenates_to_the_final_text(model: Model) -> None:
     assert [i for _, i in deltas] == list(range(len(deltas)))
 
 
-def test_greedy_decoding_is_deterministic(model: Model) -> None:
+def test_greedy_decoding_is_deterministic(model: LocalModel) -> None:
     first = model.generate(Request(text="Count from one to five."))
     model.generate(Request(text="Something else entirely, to disturb the cache."))
     second = model.generate(Request(text="Count from one to five."))
     assert first.text == second.text and first.text
 
 
-def test_system_prompt_prefix_is_reused(model: Model) -> None:
+def test_system_prompt_prefix_is_reused(model: LocalModel) -> None:
     model.generate(Request(text="First question?"))
     result = model.generate(Request(text="A second, different question?"))
     system_tokens = len(model.tokenize(f"<bos><start_of_turn>user\n{SYSTEM}\n\n"))
@@ -57,12 +60,12 @@ def test_system_prompt_prefix_is_reused(model: Model) -> None:
     assert result.prompt_tokens - result.cached_tokens < 30
 
 
-def test_max_tokens_stops_the_turn(model: Model) -> None:
+def test_max_tokens_stops_the_turn(model: LocalModel) -> None:
     result = model.generate(Request(text="Tell me a long story about a dragon.", max_tokens=5))
     assert result.stop == "max_tokens" and result.completion_tokens == 5
 
 
-def test_cancel_before_start_aborts_during_the_prompt(model: Model) -> None:
+def test_cancel_before_start_aborts_during_the_prompt(model: LocalModel) -> None:
     cancel = threading.Event()
     cancel.set()
     result = model.generate(Request(text="Anything at all " * 40), cancel=cancel)
@@ -72,7 +75,7 @@ def test_cancel_before_start_aborts_during_the_prompt(model: Model) -> None:
     assert again.text == model.generate(Request(text="Count from one to five.")).text
 
 
-def test_cancel_mid_generation(model: Model) -> None:
+def test_cancel_mid_generation(model: LocalModel) -> None:
     cancel = threading.Event()
 
     def on_delta(_d: str, index: int) -> None:
@@ -83,7 +86,7 @@ def test_cancel_mid_generation(model: Model) -> None:
     assert result.stop == "cancelled" and 3 <= result.completion_tokens < 10
 
 
-def test_deadline_stops_the_turn(model: Model) -> None:
+def test_deadline_stops_the_turn(model: LocalModel) -> None:
     configure(model, deadline=1.0, max_tokens=900)
     result = model.generate(Request(text="Write a very long essay about the history of bread."))
     assert result.stop in ("deadline", "end")
@@ -91,8 +94,8 @@ def test_deadline_stops_the_turn(model: Model) -> None:
         assert result.latency_ms >= 1000
 
 
-def test_prompt_longer_than_the_context_is_refused(model: Model) -> None:
-    with pytest.raises(EngineError) as err:
+def test_prompt_longer_than_the_context_is_refused(model: LocalModel) -> None:
+    with pytest.raises(AgentError) as err:
         model.generate(Request(text="word " * 2000))
     assert err.value.code == "prompt_too_long"
 
@@ -110,17 +113,17 @@ class Collect:
         self.results.append(result)
         self.done.release()
 
-    def on_error(self, request: Request, code: str, detail: str) -> None:
-        self.errors.append((request.id, code))
+    def on_error(self, request: Request, error: AgentError) -> None:
+        self.errors.append((request.id, error.code))
         self.done.release()
 
 
-def test_full_queue_refuses_at_once_and_nothing_is_dropped(model: Model) -> None:
+def test_full_queue_refuses_at_once_and_nothing_is_dropped(model: LocalModel) -> None:
     engine = Engine(model, queue_size=2)
     sink = Collect()
     engine.submit(Request(text="one", id="1"), sink)
     engine.submit(Request(text="two", id="2"), sink)
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(AgentError) as err:
         engine.submit(Request(text="three", id="3"), sink)
     assert err.value.code == "queue_full"
     engine.start()
@@ -130,14 +133,14 @@ def test_full_queue_refuses_at_once_and_nothing_is_dropped(model: Model) -> None
     assert engine.stop()
 
 
-def test_stop_fails_queued_requests_with_an_error(model: Model) -> None:
+def test_stop_fails_queued_requests_with_an_error(model: LocalModel) -> None:
     engine = Engine(model, queue_size=3)
     sink = Collect()
     for n in range(3):
         engine.submit(Request(text="hello", id=str(n)), sink)
     assert engine.stop()
     assert sorted(sink.errors) == [("0", "shutting_down"), ("1", "shutting_down"), ("2", "shutting_down")]
-    with pytest.raises(EngineError, match="stopping"):
+    with pytest.raises(AgentError, match="stopping"):
         engine.submit(Request(text="late"), sink)
 
 
@@ -149,7 +152,7 @@ def ask_engine(engine: Engine, text: str) -> Result:
     return sink.results[0]
 
 
-def test_conversation_history_reaches_the_model_and_reset_clears_it(model: Model) -> None:
+def test_conversation_history_reaches_the_model_and_reset_clears_it(model: LocalModel) -> None:
     configure(model, max_tokens=30, system_prompt="You are a helpful assistant. Answer briefly and plainly.")
     engine = Engine(model, queue_size=2, conversation=Conversation(max_exchanges=6, idle_reset=300))
     engine.start()
@@ -164,7 +167,7 @@ def test_conversation_history_reaches_the_model_and_reset_clears_it(model: Model
 
 
 def test_history_is_trimmed_to_fit_the_context(gemma270m: Path) -> None:
-    small = Model(ModelConfig(path=str(gemma270m), temperature=0.0, max_tokens=48, n_ctx=512, n_batch=256,
+    small = LocalModel(ModelConfig(path=str(gemma270m), temperature=0.0, max_tokens=48, n_ctx=512, n_batch=256,
                               n_ubatch=256))
     conversation = Conversation(max_exchanges=50, idle_reset=300)
     engine = Engine(small, queue_size=2, conversation=conversation)

@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Broker, Client, payload_json
-from daemon_proc import DaemonProcess
-from media import moving_square, write_video
+
+from tests.support.daemon import DaemonProcess
+from tests.support.media import moving_square, write_video
+from tests.support.mqtt import Broker, Client, payload_json
+from tests.support.paths import ROOT
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
-"""models/fetch.py against a real HTTP server on loopback: resume with Range, restarts, 416, mirror fallback,
-endpoint overrides, checksum and disk-space refusals, verify/remove, the CLI, and the catalog shipped in the repo."""
+"""The model downloader (agent/catalog) against a real HTTP server on loopback: resume with Range, restarts, 416,
+mirror fallback, endpoint overrides, checksum and disk-space refusals, verify/remove, the CLI, and the catalog shipped
+in the repo."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -24,8 +24,12 @@ from typing import Any
 import pytest
 import yaml
 
-from models import fetch
-from models.fetch import CatalogError, FetchError, FetchOptions, add_cli, load_catalog, pull, run_cli
+from agent.catalog import catalog as catalog_mod
+from agent.catalog import download as fetch
+from agent.catalog.catalog import CatalogError, FetchError, load_catalog
+from agent.catalog.download import FetchOptions, pull
+from agent.cli import parser as cli_parser
+from agent.cli.models import main as models_main
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = random.Random(1234).randbytes(300_000)
@@ -147,7 +151,7 @@ def write_catalog(tmp_path: Path, models: dict[str, Any]) -> Path:
     return path
 
 
-def one_model(tmp_path: Path, **file_kw: Any) -> fetch.Catalog:
+def one_model(tmp_path: Path, **file_kw: Any) -> catalog_mod.Catalog:
     entry = {"description": "test model", "kind": "llm", "files": [file_entry(**file_kw)]}
     return load_catalog(write_catalog(tmp_path, {"m": entry}))
 
@@ -159,9 +163,8 @@ def opts(**kw: Any) -> FetchOptions:
 
 
 def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    return run_cli(parser.parse_args(["models", *argv]))
+    """`gemma-agent models ARGV` through the real command-line parser (in this process, so logs are captured)."""
+    return models_main(cli_parser().parse_args(["models", *argv]))
 
 
 # --- resuming -------------------------------------------------------------------------------------------------
@@ -171,7 +174,7 @@ def test_interrupted_download_resumes_with_range(site: Site, tmp_path: Path, cap
     site.files["/f.bin"] = DATA
     site.cut["/f.bin"] = [100_000]  # the first response is cut off after 100,000 bytes
     cat = one_model(tmp_path, urls={"huggingface": site.base + "/f.bin"})
-    with caplog.at_level(logging.INFO, logger="models.fetch"):
+    with caplog.at_level(logging.INFO, logger="agent.catalog"):
         paths = pull(cat, "m", tmp_path / "models", opts())
     assert paths == [tmp_path / "models" / "model.bin"]
     assert hashlib.sha256(paths[0].read_bytes()).hexdigest() == SHA
@@ -194,13 +197,14 @@ def test_resume_follows_redirect(site: Site, tmp_path: Path) -> None:
 
 
 def test_resume_in_a_later_process(site: Site, tmp_path: Path) -> None:
-    """Two real `python -m models.fetch pull` runs: the first dies on the dropped connection, the second resumes."""
+    """Two real `gemma-agent models pull` runs (the installed script): the first dies on the dropped connection,
+    the second resumes."""
     site.files["/org/repo/resolve/main/f.bin"] = DATA
     site.cut["/org/repo/resolve/main/f.bin"] = [120_000]
     catalog = write_catalog(tmp_path, {"m": {"description": "d", "kind": "whisper", "files": [file_entry(
         urls={"huggingface": "https://huggingface.co/org/repo/resolve/main/f.bin"})]}})
     env = {**os.environ, "HF_ENDPOINT": site.base, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "models.fetch", "pull", "m", "--dir", str(tmp_path / "d"),
+    cmd = [str(Path(sys.executable).with_name("gemma-agent")), "models", "pull", "m", "--dir", str(tmp_path / "d"),
            "--catalog", str(catalog), "--mirrors", "huggingface"]
     first = subprocess.run([*cmd, "--retries", "0"], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert first.returncode == 69, first.stderr
@@ -221,7 +225,7 @@ def test_server_ignoring_range_restarts(site: Site, tmp_path: Path, caplog: pyte
     site.ignore_range.add("/f.bin")
     (tmp_path / "model.bin.part").write_bytes(prefix)
     cat = one_model(tmp_path, urls={"huggingface": site.base + "/f.bin"})
-    with caplog.at_level(logging.INFO, logger="models.fetch"):
+    with caplog.at_level(logging.INFO, logger="agent.catalog"):
         pull(cat, "m", tmp_path, opts())
     assert site.ranges("/f.bin") == [f"bytes={len(prefix)}-"]
     assert "ignored the Range request" in caplog.text
@@ -331,7 +335,7 @@ def test_unpublished_checksum_downloads_with_a_warning(site: Site, tmp_path: Pat
                                                       caplog: pytest.LogCaptureFixture) -> None:
     site.files["/f.bin"] = DATA
     cat = one_model(tmp_path, urls={"huggingface": site.base + "/f.bin"}, size=None, sha256=None)
-    with caplog.at_level(logging.INFO, logger="models.fetch"):
+    with caplog.at_level(logging.INFO, logger="agent.catalog"):
         pull(cat, "m", tmp_path, opts())
     assert f"sha256 of this download: {SHA}" in caplog.text
     assert (tmp_path / "model.bin").read_bytes() == DATA
@@ -430,7 +434,7 @@ def test_progress_bar_on_a_terminal_and_log_lines_otherwise(site: Site, tmp_path
     term = Terminal()
     pull(cat, "m", tmp_path / "a", opts(progress=term))
     assert "\rmodel.bin [" in term.getvalue() and "100.0%" in term.getvalue()
-    with caplog.at_level(logging.INFO, logger="models.fetch"):
+    with caplog.at_level(logging.INFO, logger="agent.catalog"):
         pull(cat, "m", tmp_path / "b", opts(progress=io.StringIO(), log_interval=0.0))
     lines = [r.getMessage() for r in caplog.records if "MiB/s" in r.getMessage()]
     assert len(lines) >= 2 and lines[-1].startswith("model.bin: 293.0 KiB of 293.0 KiB (100.0%)")
@@ -539,7 +543,7 @@ def test_repository_catalog_parses_and_every_entry_is_complete() -> None:
     raw = yaml.safe_load((ROOT / "models" / "catalog.yaml").read_text())["models"]
     assert set(raw) == set(cat.models)
     for name, model in cat.models.items():
-        assert model.description and model.kind in fetch.KINDS and model.files, name
+        assert model.description and model.kind in catalog_mod.KINDS and model.files, name
         for i, f in enumerate(model.files):
             keys = raw[name]["files"][i]
             assert {"name", "size", "sha256", "urls"} <= set(keys), name  # null allowed, absent not

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from media import write_video
 from PIL import Image
 
 from agent.config import CameraConfig
-from agent.frames import FramePreparer, fit_square, jpeg_bytes
+from agent.perception.frames import FramePreparer, fit_square, jpeg_bytes
 from devices.camera import Camera, Frame
+from tests.support.media import write_video
+
+pytestmark = pytest.mark.fast
 
 RED, BLUE, GREEN = (0, 0, 255), (255, 0, 0), (0, 255, 0)  # BGR, as cameras deliver
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
-from agent.health import MetricsServer, cgroup_memory, process_memory, prometheus_text
+import pytest
+
+from agent.memory.probe import cgroup_memory, process_memory
+from agent.ops.metrics import MetricsServer, prometheus_text
+from tests.support.fakes import fake_proc
+
+pytestmark = pytest.mark.fast
 
 
 def test_process_memory_reads_this_process() -> None:
@@ -16,20 +22,21 @@ def test_process_memory_reads_this_process() -> None:
 
 def test_cgroup_v1_and_v2_layouts(tmp_path: Path) -> None:
     v2 = tmp_path / "v2"
-    (v2 / "system.slice" / "gemma-agent.service").mkdir(parents=True)
-    (v2 / "system.slice" / "gemma-agent.service" / "memory.current").write_text("123456\n")
-    (v2 / "system.slice" / "gemma-agent.service" / "memory.max").write_text("2147483648\n")
-    proc = tmp_path / "cgroup2"
-    proc.write_text("0::/system.slice/gemma-agent.service\n")
-    assert cgroup_memory(str(proc), str(v2)) == {"usage": 123456, "limit": 2 << 30}
-    (v2 / "system.slice" / "gemma-agent.service" / "memory.max").write_text("max\n")
-    assert cgroup_memory(str(proc), str(v2))["limit"] is None
+    leaf = v2 / "system.slice" / "gemma-agent.service"
+    leaf.mkdir(parents=True)
+    (v2 / "cgroup.controllers").write_text("cpu memory pids\n")
+    (leaf / "memory.current").write_text("123456\n")
+    (leaf / "memory.max").write_text("2147483648\n")
+    proc = fake_proc(tmp_path / "p2", "0::/system.slice/gemma-agent.service\n", [(str(v2), "cgroup2", "rw")])
+    assert cgroup_memory(str(proc)) == {"usage": 123456, "limit": 2 << 30}
+    (leaf / "memory.max").write_text("max\n")
+    assert cgroup_memory(str(proc))["limit"] is None
     v1 = tmp_path / "v1"
-    (v1 / "memory" / "agent").mkdir(parents=True)
-    (v1 / "memory" / "agent" / "memory.usage_in_bytes").write_text("777\n")
-    (v1 / "memory" / "agent" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
-    proc.write_text("12:cpu,cpuacct:/\n4:memory:/agent\n")
-    assert cgroup_memory(str(proc), str(v1)) == {"usage": 777, "limit": None}
+    (v1 / "agent").mkdir(parents=True)
+    (v1 / "agent" / "memory.usage_in_bytes").write_text("777\n")
+    (v1 / "agent" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    proc = fake_proc(tmp_path / "p1", "12:cpu,cpuacct:/\n4:memory:/agent\n", [(str(v1), "cgroup", "rw,memory")])
+    assert cgroup_memory(str(proc)) == {"usage": 777, "limit": None}
 
 
 def test_cgroup_of_this_machine_is_readable() -> None:
@@ -43,8 +50,8 @@ def test_prometheus_text_and_server() -> None:
     text = prometheus_text(snapshot)
     assert "gemma_agent_uptime 12.5\n" in text and "gemma_agent_memory_rss 1000\n" in text
     assert "gemma_agent_mqtt_connected 1\n" in text and "cgroup_limit" not in text and "state" not in text
-    server = MetricsServer("127.0.0.1", 0, lambda: snapshot)
-    server.start()
+    server = MetricsServer("127.0.0.1", 0)
+    server.start(lambda: snapshot)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as reply:
             assert reply.status == 200 and reply.read().decode() == text

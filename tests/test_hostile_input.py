@@ -26,13 +26,14 @@ from typing import Any, Literal
 
 import pytest
 import yaml
-from conftest import ROOT, Broker, Client, agent_cmd, free_port, payload_json
-from daemon_proc import DaemonProcess
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from agent.config import Config, ConfigError, load
-from agent.modelfile import ModelFileError, inspect, sha256_file, verify
+from agent.gguf import ModelFileError, inspect, sha256_file, verify
+from tests.support.daemon import DaemonProcess
+from tests.support.mqtt import Broker, Client, free_port, payload_json
+from tests.support.paths import ROOT, agent_cmd
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
@@ -315,7 +316,7 @@ def tensor(name: bytes, dims: tuple[int, ...], ggml_type: int = 0, offset: int =
 
 @pytest.fixture(scope="module")
 def tiny_model() -> Path:
-    import testmodels
+    from tests.support import models as testmodels
 
     return testmodels.tiny_text()
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from conftest import Broker, Client, payload_json
-from daemon_proc import DaemonProcess
-
-from agent.ratelimit import MAX_SENDERS, RateLimiter
+from agent.turns.ratelimit import MAX_SENDERS, RateLimiter
+from tests.support.daemon import DaemonProcess
+from tests.support.mqtt import Broker, Client, payload_json
 
 
 def test_buckets_refill_over_time_and_bound_each_sender() -> None:

@@ -6,10 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import testmodels
 
 from agent.config import ListenConfig, WhisperConfig
-from agent.listen import SpeechToText, SpeechToTextError, TurnPolicy, split_wake_phrase
+from agent.turns.policy import TurnPolicy, split_wake_phrase
+from agent.turns.speech import SpeechToText, SpeechToTextError
+from tests.support import models as testmodels
+
+pytestmark = pytest.mark.fast
 
 PHRASES = ["hey gemma", "ok gemma"]
 
@@ -101,7 +104,7 @@ def test_follow_up_zero_means_off() -> None:
     clock = Clock()
     p = policy("wake_phrase", clock, follow_up=0.0)
     p.answered()
-    assert not p.listening()
+    assert not p.window_open()
 
 
 def test_speech_to_text_refuses_a_missing_model(tmp_path: Path) -> None:

@@ -7,16 +7,17 @@ import dataclasses
 
 import llama_cpp
 import pytest
-import testmodels
 
-from agent.brain import Model, Request
 from agent.config import Config, ModelConfig
-from agent.daemon import load_model
-from agent.modelfile import ModelFileError
+from agent.gguf import ModelFileError
+from agent.llm.loader import load_model
+from agent.llm.local import LocalModel
+from agent.turns.types import Request
+from tests.support import models as testmodels
 
 
-def answer(lora: str = "", scale: float = 1.0) -> tuple[str, Model]:
-    model = Model(ModelConfig(path=str(testmodels.tiny_text()), lora=lora, lora_scale=scale, temperature=0.0,
+def answer(lora: str = "", scale: float = 1.0) -> tuple[str, LocalModel]:
+    model = LocalModel(ModelConfig(path=str(testmodels.tiny_text()), lora=lora, lora_scale=scale, temperature=0.0,
                               max_tokens=12, n_ctx=512, n_batch=256, n_ubatch=256))
     text = model.generate(Request(text="Tell me something.")).text
     return text, model

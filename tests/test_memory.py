@@ -14,40 +14,34 @@ from typing import Any
 
 import numpy as np
 import pytest
-import testmodels
-from conftest import ROOT, Broker, Client, agent_cmd
-from daemon_proc import DaemonProcess
 from gguf import GGUFWriter
 from gguf.constants import GGMLQuantizationType
 
-from agent import memory
-from agent.brain import Model, ModelLoadError
 from agent.config import MemoryConfig, ModelConfig
-from agent.modelfile import inspect
-from models import synth
+from agent.gguf import inspect
+from agent.llm.local import LocalModel, ModelLoadError
+from agent.memory import estimate as estimates
+from agent.memory import plan as planner
+from agent.memory import probe, shape
+from tests.support import models as testmodels
+from tests.support import synth
+from tests.support.daemon import DaemonProcess
+from tests.support.fakes import fake_proc
+from tests.support.mqtt import Broker, Client
+from tests.support.paths import ROOT, agent_cmd
 
 Q = GGMLQuantizationType
 MiB = 1 << 20
-X86 = memory.Cpu(frozenset({"AVX2", "REPACK"}))
-PI5 = memory.Cpu(frozenset({"NEON", "DOTPROD", "REPACK"}))  # Cortex-A76: dotprod, no i8mm
-TWO_GIB = memory.Budget(2048 * MiB, "test", 256 * MiB)
-BASELINE = 60 * MiB  # a daemon's Python before the model (measured ~35 MiB after importing agent.daemon)
+X86 = shape.Cpu(frozenset({"AVX2", "REPACK"}))
+PI5 = shape.Cpu(frozenset({"NEON", "DOTPROD", "REPACK"}))  # Cortex-A76: dotprod, no i8mm
+TWO_GIB = planner.Budget(2048 * MiB, "test", 256 * MiB)
+BASELINE = 60 * MiB  # a daemon's Python before the model (measured ~35 MiB after importing agent.app)
 
 
 # --- budgets from cgroup files ------------------------------------------------------------------------------
 
 
-def fake_proc(tmp: Path, cgroup: str, mounts: list[tuple[str, str, str]]) -> Path:
-    """A /proc/self stand-in: its cgroup file and a mountinfo naming (mount point, fs type, options)."""
-    proc = tmp / "proc"
-    proc.mkdir()
-    (proc / "cgroup").write_text(cgroup)
-    lines = [f"{30 + i} 23 0:{28 + i} / {point} rw,relatime - {fstype} {fstype} {opts}"
-             for i, (point, fstype, opts) in enumerate(mounts)]
-    (proc / "mountinfo").write_text("\n".join(lines) + "\n")
-    return proc
-
-
+@pytest.mark.fast
 def test_cgroup_v2_limit_is_the_lowest_ancestor(tmp_path: Path) -> None:
     root = tmp_path / "unified"
     leaf = root / "system.slice" / "gemma-agent.service"
@@ -56,14 +50,15 @@ def test_cgroup_v2_limit_is_the_lowest_ancestor(tmp_path: Path) -> None:
     (root / "system.slice" / "memory.max").write_text(f"{1536 * MiB}\n")
     (leaf / "memory.max").write_text("max\n")
     proc = fake_proc(tmp_path, "0::/system.slice/gemma-agent.service\n", [(str(root), "cgroup2", "rw")])
-    limit, where = memory.cgroup_limit(str(proc))
+    limit, where = probe.cgroup_limit(str(proc))
     assert limit == 1536 * MiB and "system.slice/memory.max" in where
     (leaf / "memory.max").write_text(f"{1024 * MiB}\n")
-    assert memory.cgroup_limit(str(proc))[0] == 1024 * MiB
+    assert probe.cgroup_limit(str(proc))[0] == 1024 * MiB
     (leaf / "memory.high").write_text(f"{900 * MiB}\n")  # MemoryHigh=: reclaim and throttling start there
-    assert memory.cgroup_limit(str(proc)) == (900 * MiB, f"cgroup v2 {leaf}/memory.high")
+    assert probe.cgroup_limit(str(proc)) == (900 * MiB, f"cgroup v2 {leaf}/memory.high")
 
 
+@pytest.mark.fast
 def test_cgroup_v1_limit_and_hierarchy(tmp_path: Path) -> None:
     mem = tmp_path / "memory"
     node = mem / "gemma"
@@ -72,21 +67,22 @@ def test_cgroup_v1_limit_and_hierarchy(tmp_path: Path) -> None:
     (node / "memory.stat").write_text(f"cache 0\nhierarchical_memory_limit {2048 * MiB}\n")
     proc = fake_proc(tmp_path, "4:memory:/gemma\n0::/\n",
                      [(str(tmp_path / "unified"), "cgroup2", "rw"), (str(mem), "cgroup", "rw,memory")])
-    assert memory.cgroup_limit(str(proc)) == (2048 * MiB, f"cgroup v1 {node}/memory.limit_in_bytes")
+    assert probe.cgroup_limit(str(proc)) == (2048 * MiB, f"cgroup v1 {node}/memory.limit_in_bytes")
     (node / "memory.stat").write_text("hierarchical_memory_limit 9223372036854771712\n")
-    assert memory.cgroup_limit(str(proc)) == (None, "cgroup v1: no limit")
+    assert probe.cgroup_limit(str(proc)) == (None, "cgroup v1: no limit")
 
 
+@pytest.mark.fast
 def test_budget_takes_the_lowest_limit(tmp_path: Path) -> None:
     mem = tmp_path / "memory"
     (mem / "svc").mkdir(parents=True)
     (mem / "svc" / "memory.limit_in_bytes").write_text(f"{1024 * MiB}\n")
     proc = fake_proc(tmp_path, "4:memory:/svc\n", [(str(mem), "cgroup", "rw,memory")])
-    got = memory.budget(MemoryConfig(limit_mib=2048, margin_mib=100), str(proc))
+    got = planner.budget(MemoryConfig(limit_mib=2048, margin_mib=100), str(proc))
     assert (got.limit, got.margin, got.usable) == (1024 * MiB, 100 * MiB, 924 * MiB)
     assert "cgroup v1" in got.source
-    assert memory.budget(MemoryConfig(limit_mib=512), str(proc)).source == "memory.limit_mib"
-    assert memory.cgroup_limit(str(tmp_path / "nowhere")) == (None, "no /proc/self/cgroup")
+    assert planner.budget(MemoryConfig(limit_mib=512), str(proc)).source == "memory.limit_mib"
+    assert probe.cgroup_limit(str(tmp_path / "nowhere")) == (None, "no /proc/self/cgroup")
 
 
 # --- plans for full-size Gemma 3n, from headers alone ----------------------------------------------------------
@@ -138,9 +134,10 @@ def e4b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return header_only(tmp_path_factory.mktemp("e4b") / "e4b-q4_k_m.gguf", synth.E4B)
 
 
+@pytest.mark.fast
 def test_e2b_fits_2_gib_with_repacking(e2b: Path) -> None:
     info = inspect(e2b)
-    plan = memory.plan(info, ModelConfig(path=str(e2b)), MemoryConfig(), cpu=X86, baseline=BASELINE, limit=TWO_GIB)
+    plan = planner.plan(info, ModelConfig(path=str(e2b)), MemoryConfig(), cpu=X86, baseline=BASELINE, limit=TWO_GIB)
     assert plan.chosen is not None and plan.fits
     s = plan.chosen.setting
     assert s.mmap and s.repack
@@ -154,9 +151,10 @@ def test_e2b_fits_2_gib_with_repacking(e2b: Path) -> None:
     assert "memory plan mmap repack on" in text and "fits" in text
 
 
+@pytest.mark.fast
 def test_e4b_is_refused_at_2_gib_with_the_reason(e4b: Path) -> None:
     info = inspect(e4b)
-    plan = memory.plan(info, ModelConfig(path=str(e4b)), MemoryConfig(), cpu=X86, baseline=BASELINE, limit=TWO_GIB)
+    plan = planner.plan(info, ModelConfig(path=str(e4b)), MemoryConfig(), cpu=X86, baseline=BASELINE, limit=TWO_GIB)
     assert plan.chosen is None and not plan.fits
     refusal = plan.refusal()
     assert "does not fit the memory budget" in refusal and "REFUSED" in refusal
@@ -165,29 +163,31 @@ def test_e4b_is_refused_at_2_gib_with_the_reason(e4b: Path) -> None:
     assert len(rows) == len(plan.table) >= 9  # every setting, each with what it lacks
     best = min(e.need for e in plan.table)
     assert best > TWO_GIB.usable + 300 * MiB  # not a near miss: E4B's hot set alone is ~2 GiB
-    with pytest.raises(memory.MemoryPlanError, match="does not fit"):
+    with pytest.raises(shape.MemoryPlanError, match="does not fit"):
         plan.load_options()
     with pytest.raises(ModelLoadError, match="REFUSED"):
-        Model(ModelConfig(path=str(e4b)), plan=plan)  # the engine refuses before llama.cpp reads a byte
+        LocalModel(ModelConfig(path=str(e4b)), plan=plan)  # the engine refuses before llama.cpp reads a byte
 
 
+@pytest.mark.fast
 def test_arm_repacks_q6_k_so_the_plan_changes(e2b: Path) -> None:
     """On a Pi 5 llama.cpp also repacks Q6_K (and the tied output head): the same file needs more anonymous
     memory, and the planner falls back to a setting that still fits."""
     info = inspect(e2b)
-    x86 = memory.estimate(info, memory.Setting(), X86, BASELINE)
-    arm = memory.estimate(info, memory.Setting(), PI5, BASELINE)
+    x86 = estimates.estimate(info, estimates.Setting(), X86, BASELINE)
+    arm = estimates.estimate(info, estimates.Setting(), PI5, BASELINE)
     assert arm.repacked > x86.repacked + 500 * MiB and arm.hot_file < x86.hot_file
-    plan = memory.plan(info, ModelConfig(path=str(e2b)), MemoryConfig(), cpu=PI5, baseline=BASELINE, limit=TWO_GIB)
+    plan = planner.plan(info, ModelConfig(path=str(e2b)), MemoryConfig(), cpu=PI5, baseline=BASELINE, limit=TWO_GIB)
     assert plan.chosen is not None and plan.chosen is not plan.table[0]
     assert plan.table[0].need > TWO_GIB.usable
     assert any("faster settings need more" in n for n in plan.notes)
 
 
+@pytest.mark.fast
 def test_settings_move_memory_the_expected_way(e2b: Path) -> None:
     info = inspect(e2b)
-    base = memory.Setting()
-    est = {name: memory.estimate(info, s, X86, BASELINE) for name, s in {
+    base = estimates.Setting()
+    est = {name: estimates.estimate(info, s, X86, BASELINE) for name, s in {
         "base": base, "norepack": dataclasses.replace(base, repack=False),
         "q8": dataclasses.replace(base, kv_type="q8_0", flash_attn=True),
         "ub128": dataclasses.replace(base, n_ubatch=128), "ctx8k": dataclasses.replace(base, n_ctx=8192),
@@ -201,10 +201,11 @@ def test_settings_move_memory_the_expected_way(e2b: Path) -> None:
     assert est["nommap"].hot_file == 0 and est["nommap"].anon > 3 * 2**30  # everything anonymous, tied table twice
 
 
+@pytest.mark.fast
 def test_manual_mode_predicts_the_configured_setting(e2b: Path) -> None:
     info = inspect(e2b)
     cfg = MemoryConfig(mode="manual", repack=False, kv_type="q8_0")
-    plan = memory.plan(info, ModelConfig(path=str(e2b), n_ubatch=128), cfg, cpu=X86, baseline=BASELINE,
+    plan = planner.plan(info, ModelConfig(path=str(e2b), n_ubatch=128), cfg, cpu=X86, baseline=BASELINE,
                        limit=TWO_GIB)
     assert plan.chosen is not None and len(plan.table) == 1
     s = plan.chosen.setting
@@ -213,8 +214,8 @@ def test_manual_mode_predicts_the_configured_setting(e2b: Path) -> None:
 
 
 def test_not_a_text_model_is_a_clear_error() -> None:
-    with pytest.raises(memory.MemoryPlanError, match=r"no clip.block_count"):
-        memory.plan(inspect(testmodels.tiny_vision_projector()), ModelConfig(), MemoryConfig(), cpu=X86,
+    with pytest.raises(shape.MemoryPlanError, match=r"no clip.block_count"):
+        planner.plan(inspect(testmodels.tiny_vision_projector()), ModelConfig(), MemoryConfig(), cpu=X86,
                     baseline=BASELINE, limit=TWO_GIB)
 
 
@@ -223,38 +224,42 @@ def test_not_a_text_model_is_a_clear_error() -> None:
 CHILD = r"""
 import json, mmap, statistics, sys
 import llama_cpp
-from agent import memory
-from agent.brain import Model, Request
+from agent.llm import llama_shim
+from agent.memory import apply, probe, shape
+from agent.memory import estimate as estimates
+from agent.memory import plan as planner
+from agent.llm.local import LocalModel
+from agent.turns.types import Request
 from agent.config import MemoryConfig, ModelConfig
-from agent.modelfile import inspect
+from agent.gguf import inspect
 spec = json.loads(sys.argv[1])
-baseline = memory.python_baseline()
-file_baseline = memory.rss()["rss_file"]
+baseline = probe.python_baseline()
+file_baseline = probe.rss()["rss_file"]
 cfg = ModelConfig(path=spec["path"], n_ctx=spec["n_ctx"], n_ubatch=spec["n_ubatch"], n_threads=2,
                   temperature=0.0, max_tokens=8)
 mem = MemoryConfig(**spec["memory"])
-plan = memory.plan_for(cfg, mem, baseline=baseline)
-model = Model(cfg, plan=plan)
+plan = planner.plan_for(cfg, mem, baseline=baseline)
+model = LocalModel(cfg, plan=plan)
 result = model.generate(Request(text="Tell me about the sea. " * spec["words"], max_tokens=8))
 info = inspect(spec["path"])
-turn = memory.estimate(info, plan.chosen.setting, baseline=baseline, n_tokens=result.prompt_tokens,
+turn = estimates.estimate(info, plan.chosen.setting, baseline=baseline, n_tokens=result.prompt_tokens,
                        n_kv=result.prompt_tokens)
-measured = memory.rss()
-model_file = memory.file_rss(spec["path"])
+measured = probe.rss()
+model_file = probe.file_rss(spec["path"])
 token = model.llm.tokenize(b" sea", add_bos=False)[0]
 touched = []
 for _ in range(3):
-    memory.advise(spec["path"], [(0, info.size)], mmap.MADV_DONTNEED)
-    before = memory.file_rss(spec["path"])
+    apply.advise(spec["path"], [(0, info.size)], mmap.MADV_DONTNEED)
+    before = probe.file_rss(spec["path"])
     model.llm.eval([token])
-    touched.append(memory.file_rss(spec["path"]) - before)
+    touched.append(probe.file_rss(spec["path"]) - before)
 print(json.dumps({
     "setting": plan.chosen.setting.label(), "release_cold": plan.release_cold, "prompt": result.prompt_tokens,
     "anon": measured["rss_anon"], "anon_predicted": turn.anon, "anon_worst": plan.chosen.anon,
     "file": measured["rss_file"], "model_file": model_file,
     "file_predicted": file_baseline + turn.code + (turn.hot_file if plan.release_cold else turn.mapped_file),
     "touched": statistics.median(touched), "hot_predicted": turn.hot_file,
-    "hot_windows": memory.mapped_after_touch(turn.hot_ranges) + 2 * memory.FAULT_AROUND,
+    "hot_windows": estimates.mapped_after_touch(turn.hot_ranges) + 2 * estimates.FAULT_AROUND,
 }))
 """
 
@@ -319,23 +324,27 @@ IMAGE_CHILD = r"""
 import json, sys
 import numpy as np
 import llama_cpp
-from agent import memory
-from agent.brain import Model, Request
+from agent.llm import llama_shim
+from agent.memory import apply, probe, shape
+from agent.memory import estimate as estimates
+from agent.memory import plan as planner
+from agent.llm.local import LocalModel
+from agent.turns.types import Request
 from agent.config import MemoryConfig, ModelConfig
-from agent.projector import Media
+from agent.turns.types import Media
 spec = json.loads(sys.argv[1])
-baseline = memory.python_baseline()
+baseline = probe.python_baseline()
 cfg = ModelConfig(path=spec["path"], mmproj=spec["mmproj"], n_threads=2, temperature=0.0, max_tokens=8)
-plan = memory.plan_for(cfg, MemoryConfig(mode="manual", projector=spec["projector"]), baseline=baseline)
-model = Model(cfg, plan=plan)
+plan = planner.plan_for(cfg, MemoryConfig(mode="manual", projector=spec["projector"]), baseline=baseline)
+model = LocalModel(cfg, plan=plan)
 turns = []
 for seed in (0, 1, 2):  # later images: the projector is there again after being released
     image = np.random.default_rng(seed).integers(0, 256, size=(96, 128, 3), dtype=np.uint8)
     result = model.generate(Request(text="What is this?", max_tokens=8, media=[Media("image", image)]))
-    turns.append({"image_tokens": result.image_tokens, "anon": memory.rss()["rss_anon"],
+    turns.append({"image_tokens": result.image_tokens, "anon": probe.rss()["rss_anon"],
                   "loaded": model.projector_loaded})
 model.release_projector()
-print(json.dumps({"turns": turns, "released": memory.rss()["rss_anon"], "text_only": plan.chosen.anon,
+print(json.dumps({"turns": turns, "released": probe.rss()["rss_anon"], "text_only": plan.chosen.anon,
                   "predicted": plan.chosen.anon + plan.chosen.projector_transient}))
 """
 
@@ -377,14 +386,18 @@ def test_repack_switch_reaches_llama_cpp(private: dict[str, Path]) -> None:
 
 GROWTH_CHILD = """
 import json, sys
-from agent import memory
-from agent.brain import Model, Request
+from agent.llm import llama_shim
+from agent.memory import apply, probe, shape
+from agent.memory import estimate as estimates
+from agent.memory import plan as planner
+from agent.llm.local import LocalModel
+from agent.turns.types import Request
 from agent.config import ModelConfig
-model = Model(ModelConfig(path=sys.argv[1], temperature=0.0, max_tokens=4, n_threads=2))
+model = LocalModel(ModelConfig(path=sys.argv[1], temperature=0.0, max_tokens=4, n_threads=2))
 after = []
 for i in range(16):
     model.generate(Request(text=f"Question {i}: what is the weather like?"))
-    after.append(memory.rss()["rss_anon"])
+    after.append(probe.rss()["rss_anon"])
 print(json.dumps(after))
 """
 
@@ -417,6 +430,7 @@ def test_check_prints_the_plan_and_fails_when_nothing_fits(tmp_path: Path) -> No
     assert "over by" in small.stdout
 
 
+@pytest.mark.fast
 def test_yaml_on_off_and_an_impossible_combination(e2b: Path) -> None:
     from agent.config import load
 
@@ -424,11 +438,11 @@ def test_yaml_on_off_and_an_impossible_combination(e2b: Path) -> None:
     cfg = load(None, ["memory.repack=on", "memory.release_cold=on", "memory.flash_attn=false"], environ={})
     assert (cfg.memory.repack, cfg.memory.release_cold, cfg.memory.flash_attn) == (True, True, False)
     info = inspect(e2b)
-    with pytest.raises(memory.MemoryPlanError, match="q8_0 needs flash attention"):
-        memory.plan(info, ModelConfig(path=str(e2b)), dataclasses.replace(cfg.memory, kv_type="q8_0"), cpu=X86,
+    with pytest.raises(shape.MemoryPlanError, match="q8_0 needs flash attention"):
+        planner.plan(info, ModelConfig(path=str(e2b)), dataclasses.replace(cfg.memory, kv_type="q8_0"), cpu=X86,
                     baseline=BASELINE, limit=TWO_GIB)
-    roomy = memory.Budget(2304 * MiB, "test", 256 * MiB)
-    plan = memory.plan(info, ModelConfig(path=str(e2b)), cfg.memory, cpu=X86, baseline=BASELINE, limit=roomy)
+    roomy = planner.Budget(2304 * MiB, "test", 256 * MiB)
+    plan = planner.plan(info, ModelConfig(path=str(e2b)), cfg.memory, cpu=X86, baseline=BASELINE, limit=roomy)
     assert plan.chosen is not None and plan.chosen.setting.repack and not plan.chosen.setting.flash_attn
     assert plan.release_cold and all(e.setting.kv_type == "f16" and e.setting.repack for e in plan.table[:-1])
 
@@ -441,7 +455,7 @@ def test_daemon_loads_with_the_plan_and_refuses_what_does_not_fit(broker: Broker
     daemon.start(client)
     daemon.stop()
     assert "memory plan mmap repack on" in daemon.log and "-> fits" in daemon.log, daemon.log
-    assert "memory plan: mmap repack on" in daemon.log  # agent.brain applied it
+    assert "memory plan: mmap repack on" in daemon.log  # the local model applied it
     refused = DaemonProcess(broker.port, model, "memory.limit_mib=64", "memory.margin_mib=0")
     refused.start(client, wait_online=False)
     assert refused.wait(timeout=60) == 65

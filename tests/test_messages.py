@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from agent.messages import Ask, PayloadError, clean_text, parse_ask
+from agent.contract.codes import AgentError
+from agent.contract.inbound import Ask, clean_text, parse_ask
+
+pytestmark = pytest.mark.fast
 
 LIMIT = 65536
 
 
-def rejected(payload: bytes) -> PayloadError:
-    with pytest.raises(PayloadError) as err:
+def rejected(payload: bytes) -> AgentError:
+    with pytest.raises(AgentError) as err:
         parse_ask(payload, LIMIT)
     return err.value
 

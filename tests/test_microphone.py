@@ -16,11 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sounddevice as sd
-from conftest import ROOT
-from media import compose, espeak, write_wav
 
 from agent.config import MicrophoneConfig, VadConfig
-from agent.vad import Segmenter, Utterance
+from agent.perception.vad import Segmenter, Utterance
 from devices.microphone import (
     RATE,
     AudioFrame,
@@ -32,6 +30,8 @@ from devices.microphone import (
     list_input_devices,
     resample,
 )
+from tests.support.media import compose, espeak, write_wav
+from tests.support.paths import ROOT
 
 
 def replay(path: Path, realtime: bool = False, queue_frames: int = 500) -> MicrophoneConfig:

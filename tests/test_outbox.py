@@ -9,9 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT
+import pytest
 
-from agent.outbox import Outbox
+from agent.mqtt.outbox import Outbox
+from tests.support.paths import ROOT
+
+pytestmark = pytest.mark.fast
 
 
 def test_put_pending_ack(tmp_path: Path) -> None:
@@ -55,7 +58,7 @@ def test_survives_reopen(tmp_path: Path) -> None:
 
 def test_survives_sigkill_right_after_put(tmp_path: Path) -> None:
     path = tmp_path / "o.sqlite3"
-    code = (f"from agent.outbox import Outbox\nimport os, signal\nbox = Outbox({str(path)!r})\n"
+    code = (f"from agent.mqtt.outbox import Outbox\nimport os, signal\nbox = Outbox({str(path)!r})\n"
             "for n in range(50):\n    box.put('t', str(n).encode())\nos.kill(os.getpid(), signal.SIGKILL)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           timeout=60)

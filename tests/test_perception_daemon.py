@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import Broker, Client, payload_json
-from daemon_proc import DaemonProcess
-from media import compose, espeak, moving_square, write_video, write_wav
+from tests.support.daemon import DaemonProcess
+from tests.support.media import compose, espeak, moving_square, write_video, write_wav
+from tests.support.mqtt import Broker, Client, payload_json
 
 SENTENCES = ["Turn on the kitchen lights.", "What is the weather tomorrow?", "Good night."]
 

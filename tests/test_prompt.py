@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from agent.prompt import ChatTemplate, TemplateProblem, Turn, gemma_prompt
+from agent.llm.prompt import ChatTemplate, TemplateProblem, gemma_prompt
+from agent.turns.types import Turn
+
+pytestmark = pytest.mark.fast
 
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{% set ns = m['content'] %}"

@@ -12,8 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Broker, Client, agent_cmd, free_port, payload_json
-from daemon_proc import DaemonProcess
+
+from tests.support.daemon import DaemonProcess
+from tests.support.mqtt import Broker, Client, free_port, payload_json
+from tests.support.paths import ROOT, agent_cmd
 
 
 @pytest.fixture(scope="module")

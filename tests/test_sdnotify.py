@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.sdnotify import Heartbeat, Notifier, Watchdog
+from agent.ops.sdnotify import Heartbeat, Notifier, Watchdog
+
+pytestmark = pytest.mark.fast
 
 
 class Listener:
@@ -117,7 +119,7 @@ def test_unset_socket_is_a_no_op() -> None:
 
 
 def test_relative_socket_path_is_refused(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="agent.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="agent.ops.sdnotify"):
         n = Notifier.from_env({"NOTIFY_SOCKET": "relative.sock"})
     assert not n.enabled
     assert "NOTIFY_SOCKET" in caplog.text
@@ -130,7 +132,7 @@ def test_vanished_socket_never_raises(sock_path: str, caplog: pytest.LogCaptureF
     lst.wait_for(b"READY=1")
     lst.close()
     os.unlink(sock_path)
-    with caplog.at_level(logging.DEBUG, logger="agent.sdnotify"):
+    with caplog.at_level(logging.DEBUG, logger="agent.ops.sdnotify"):
         assert not n.status("still here")
         assert not n.watchdog()
     assert "sd_notify to" in caplog.text
@@ -159,7 +161,7 @@ def test_watchdog_gates_pings_on_stage_health(listener: Listener, sock_path: str
     beat = Heartbeat()
     wd = Watchdog(n, {"camera": camera_ok.is_set, "mqtt": beat.probe(max_age=60)})
     assert wd.interval == pytest.approx(0.05)
-    with caplog.at_level(logging.WARNING, logger="agent.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="agent.ops.sdnotify"):
         assert wd.start()
         try:
             # all healthy: pings arrive
@@ -218,7 +220,7 @@ def test_extending_sends_until_the_block_ends(listener: Listener, sock_path: str
 def test_extending_gives_up_after_its_limit(listener: Listener, sock_path: str,
                                             caplog: pytest.LogCaptureFixture) -> None:
     n = Notifier.from_env({"NOTIFY_SOCKET": sock_path})
-    with caplog.at_level(logging.WARNING, logger="agent.sdnotify"), n.extending(0.1, limit=0.25) as ext:
+    with caplog.at_level(logging.WARNING, logger="agent.ops.sdnotify"), n.extending(0.1, limit=0.25) as ext:
         listener.wait_for(b"EXTEND_TIMEOUT_USEC=100000")
         assert ext._thread is not None
         ext._thread.join(timeout=10)  # ends by itself although the block is still running

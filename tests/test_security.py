@@ -24,9 +24,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import ROOT, Broker, Client, agent_cmd, payload_json
-from daemon_proc import DaemonProcess
 from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.support.daemon import DaemonProcess
+from tests.support.mqtt import Broker, Client, payload_json
+from tests.support.paths import ROOT, agent_cmd
 
 ADMIN = "ha-admin"  # Home Assistant's user in these brokers: may read and write everything
 

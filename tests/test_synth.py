@@ -14,12 +14,13 @@ from typing import Any
 import llama_cpp
 import numpy as np
 import pytest
-import testmodels
 from llama_cpp import mtmd_cpp as mtmd
 
-from agent.modelfile import inspect
-from agent.prompt import ChatTemplate, TemplateProblem, Turn, gemma_prompt
-from models import synth
+from agent.gguf import inspect
+from agent.llm.prompt import ChatTemplate, TemplateProblem, gemma_prompt
+from agent.turns.types import Turn
+from tests.support import models as testmodels
+from tests.support import synth
 
 CHUNK_TEXT, CHUNK_IMAGE, CHUNK_AUDIO = 0, 1, 2  # mtmd_input_chunk_type
 

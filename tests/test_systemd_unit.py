@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import exitcodes
+from agent.contract.exitcodes import ExitCode
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "gemma-agent.service"
@@ -91,8 +91,8 @@ def test_unit_agrees_with_the_daemon() -> None:
     assert s["Service.Type"] == ["notify"] and s["Service.NotifyAccess"] == ["main"]
     # permanent faults are not restarted: exactly the daemon's exit codes for bad model files and bad config
     prevent = {int(code) for code in s["Service.RestartPreventExitStatus"][0].split()}
-    assert prevent == {exitcodes.EX_DATAERR, exitcodes.EX_NOINPUT, exitcodes.EX_CONFIG}
-    assert exitcodes.EX_SOFTWARE not in prevent and exitcodes.FAILURE not in prevent
+    assert prevent == {ExitCode.EX_DATAERR, ExitCode.EX_NOINPUT, ExitCode.EX_CONFIG}
+    assert ExitCode.EX_SOFTWARE not in prevent and ExitCode.FAILURE not in prevent
     # ExecStart reads the installed config and runs from the state directory, where models/ lives
     assert s["Service.ExecStart"] == [f"{SHIPPED_BINARY} run --config /etc/gemma-agent/agent.yaml"]
     assert s["Service.WorkingDirectory"] == ["/var/lib/gemma-agent"] and s["Service.StateDirectory"] == ["gemma-agent"]
@@ -142,9 +142,10 @@ import cv2, numpy, webrtcvad
 ok, jpeg = cv2.imencode(".jpg", numpy.zeros((64, 64, 3), numpy.uint8))
 out["opencv_numpy"] = bool(ok) and len(jpeg) > 0
 out["webrtcvad"] = webrtcvad.Vad(2).is_speech(b"\0" * 960, 16000)
-from agent.brain import Model, Request
+from agent.llm.local import LocalModel
+from agent.turns.types import Request
 from agent.config import ModelConfig
-model = Model(ModelConfig(n_ctx=512, max_tokens=8, temperature=0.0), path=sys.argv[1])
+model = LocalModel(ModelConfig(n_ctx=512, max_tokens=8, temperature=0.0), path=sys.argv[1])
 result = model.generate(Request("Say hello."))
 out["llama_tokens"], out["llama_text"] = result.completion_tokens, result.text
 print(json.dumps(out))

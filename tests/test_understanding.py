@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-import testmodels
-from conftest import Broker, Client, payload_json
-from daemon_proc import DaemonProcess
-from media import compose, espeak, moving_square, still, write_video, write_wav
+
+from tests.support import models as testmodels
+from tests.support.daemon import DaemonProcess
+from tests.support.media import compose, espeak, moving_square, still, write_video, write_wav
+from tests.support.mqtt import Broker, Client, payload_json
 
 
 def start(broker: Broker, model: Path, *overrides: str) -> tuple[DaemonProcess, Client]:
@@ -104,8 +105,7 @@ def test_a_stale_frame_is_not_described(broker: Broker, tmp_path: Path) -> None:
 
 
 def test_projector_is_released_when_idle_and_loaded_again(broker: Broker, door_video: Path) -> None:
-    daemon, client = start(broker, testmodels.tiny_text(), *vision_args(door_video), "vision.keep_loaded=false",
-                           "vision.idle_release=1")
+    daemon, client = start(broker, testmodels.tiny_text(), *vision_args(door_video), "memory.projector=1")
     client.wait_for(f"{daemon.base}/health", lambda m: payload_json(m)["projector"] == "released", timeout=30)
     client.publish(f"{daemon.base}/describe", {"id": "again"})
     assert response(client, daemon.base, "again")["tokens"]["image"] == 256

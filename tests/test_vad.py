@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from media import Truth, active_rms, compose, espeak, frames_of, noise_burst, speech_extent
 
 from agent.config import VadConfig
-from agent.vad import RATE, Segmenter, Utterance
+from agent.perception.vad import RATE, Segmenter, Utterance
+from tests.support.media import Truth, active_rms, compose, espeak, frames_of, noise_burst, speech_extent
 
 TOLERANCE = 0.150
 SENTENCES = ["Turn on the kitchen lights please.", "What is the weather like tomorrow morning?",

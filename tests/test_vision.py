@@ -7,16 +7,17 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import testmodels
 
-from agent.brain import EngineError, Model, Request
 from agent.config import ModelConfig
-from agent.projector import Media
+from agent.contract.codes import AgentError
+from agent.llm.local import LocalModel
+from agent.turns.types import Media, Request
+from tests.support import models as testmodels
 
 
 @pytest.fixture(scope="module")
-def model() -> Iterator[Model]:
-    m = Model(ModelConfig(path=str(testmodels.tiny_text()), mmproj=str(testmodels.tiny_vision_projector()),
+def model() -> Iterator[LocalModel]:
+    m = LocalModel(ModelConfig(path=str(testmodels.tiny_text()), mmproj=str(testmodels.tiny_vision_projector()),
                           temperature=0.0, max_tokens=6, n_ctx=2048))
     yield m
     m.release_projector()
@@ -27,7 +28,7 @@ def picture(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (512, 512, 3), dtype=np.uint8)
 
 
-def test_an_image_is_256_tokens_and_its_kv_is_reused_while_unchanged(model: Model) -> None:
+def test_an_image_is_256_tokens_and_its_kv_is_reused_while_unchanged(model: LocalModel) -> None:
     image = picture(1)
     first = model.generate(Request(text="What is this?", media=[Media("image", image)]))
     assert first.image_tokens == 256 and first.prompt_tokens > 256
@@ -39,22 +40,22 @@ def test_an_image_is_256_tokens_and_its_kv_is_reused_while_unchanged(model: Mode
     assert text_only.image_tokens == 0
 
 
-def test_read_only_frames_are_accepted(model: Model) -> None:
+def test_read_only_frames_are_accepted(model: LocalModel) -> None:
     image = picture(3)
     image.flags.writeable = False
     assert model.generate(Request(text="Hi", media=[Media("image", image)])).image_tokens == 256
 
 
-def test_bad_images_are_refused_cleanly(model: Model) -> None:
-    with pytest.raises(EngineError) as err:
+def test_bad_images_are_refused_cleanly(model: LocalModel) -> None:
+    with pytest.raises(AgentError) as err:
         model.generate(Request(text="Hi", media=[Media("image", np.zeros((10, 10), np.uint8))]))
     assert err.value.code == "projector_error" and "HxWx3" in err.value.detail
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(AgentError) as err:
         model.generate(Request(text="Hi", media=[Media("audio", np.zeros(1600, np.int16))]))
     assert "cannot take audio" in err.value.detail
 
 
-def test_projector_release_and_reload(model: Model) -> None:
+def test_projector_release_and_reload(model: LocalModel) -> None:
     model.projector()
     assert model.release_projector() and not model.projector_loaded
     assert model.generate(Request(text="Hi", media=[Media("image", picture(4))])).image_tokens == 256
@@ -62,19 +63,19 @@ def test_projector_release_and_reload(model: Model) -> None:
 
 
 def test_a_model_without_projector_refuses_images() -> None:
-    plain = Model(ModelConfig(path=str(testmodels.tiny_text()), max_tokens=4, n_ctx=512, n_batch=256,
+    plain = LocalModel(ModelConfig(path=str(testmodels.tiny_text()), max_tokens=4, n_ctx=512, n_batch=256,
                               n_ubatch=256))
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(AgentError) as err:
         plain.generate(Request(text="Hi", media=[Media("image", picture(5))]))
     assert err.value.code == "no_projector"
     plain.close()
 
 
 def test_gguf_chat_template_is_used_when_present() -> None:
-    templated = Model(ModelConfig(path=str(testmodels.tiny_text(template=True)), max_tokens=4, n_ctx=512,
+    templated = LocalModel(ModelConfig(path=str(testmodels.tiny_text(template=True)), max_tokens=4, n_ctx=512,
                                   n_batch=256, n_ubatch=256, system_prompt="Be brief."))
     assert templated.template is not None
-    from agent.prompt import Turn
+    from agent.turns.types import Turn
 
     rendered = templated.render([Turn("user", "Hello")])
     assert rendered.startswith("<bos><start_of_turn>user\n") and rendered.endswith("<start_of_turn>model\n")

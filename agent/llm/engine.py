@@ -1,0 +1,168 @@
+"""The model's request queue: one worker thread serves requests one at a time from a bounded queue. A full queue
+refuses a request at once, and every accepted request ends in exactly one result or one error for its sink."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from agent.config import ModelConfig
+from agent.contract.codes import AgentError, ErrorCode, StopReason
+from agent.turns.conversation import Conversation
+from agent.turns.types import Request, Result, Sink, Turn
+
+log = logging.getLogger("agent.llm.engine")
+
+
+class Backend(Protocol):
+    """What the Engine needs of a model: `agent.llm.local.LocalModel` or `agent.llm.remote.RemoteModel`."""
+
+    cfg: ModelConfig
+    projector_used: float
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def projector_loaded(self) -> bool: ...
+
+    def generate(self, request: Request, turns: list[Turn] | None = None,
+                 on_delta: Callable[[str, int], None] | None = None,
+                 cancel: threading.Event | None = None) -> Result: ...
+
+    def fits(self, turns: list[Turn], system: str | None, budget: int) -> bool: ...
+
+    def release_projector(self, why: str = "") -> bool: ...
+
+    def close(self) -> None: ...
+
+
+def must_stop(cancel: threading.Event | None, deadline: float) -> StopReason | None:
+    """`cancelled` or `deadline` when a running turn has to stop now, else None."""
+    if cancel is not None and cancel.is_set():
+        return StopReason.CANCELLED
+    return StopReason.DEADLINE if time.monotonic() > deadline else None
+
+
+_STOP = object()
+
+
+class Engine:
+    """A worker thread serving requests one at a time from a bounded queue."""
+
+    def __init__(self, model: Backend, queue_size: int, conversation: Conversation | None = None,
+                 projector_idle: float | None = None) -> None:
+        """`projector_idle`: release the projector after this many seconds without a media turn (None: keep)."""
+        self.model = model
+        self.conversation = conversation
+        self.projector_idle = projector_idle
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="engine", daemon=True)
+        self.current: Request | None = None
+        self.last_result: Result | None = None
+        self.turns_served = 0
+        self.progress_at = time.monotonic()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, request: Request, sink: Sink) -> None:
+        """Queue a request, or raise AgentError (queue_full, shutting_down) at once."""
+        if self._cancel.is_set():
+            raise AgentError(ErrorCode.SHUTTING_DOWN, "the daemon is stopping", request.id)
+        try:
+            self._queue.put_nowait((request, sink))
+        except queue.Full:
+            raise AgentError(ErrorCode.QUEUE_FULL, f"{self._queue.maxsize} requests are already waiting; try again "
+                             "later", request.id) from None
+
+    def progressing(self, deadline: float) -> bool:
+        """Watchdog probe: stuck only when the worker died or one turn has run past `deadline` seconds."""
+        if not self.alive:
+            return False
+        return self.current is None or time.monotonic() - self.progress_at < deadline
+
+    def _work(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=None if self.projector_idle is None else 1.0)
+            except queue.Empty:
+                self._release_idle_projector()
+                continue
+            if item is _STOP:
+                return
+            request, sink = item
+            self.current = request
+            self.progress_at = time.monotonic()
+            try:
+                if self._cancel.is_set():
+                    sink.on_error(request, _shutting_down(request))
+                    continue
+                result = self.model.generate(request, turns=self._turns(request),
+                                             on_delta=functools.partial(sink.on_delta, request), cancel=self._cancel)
+                if self.conversation is not None and request.remember and result.stop != StopReason.CANCELLED:
+                    self.conversation.record(request.text, result.text)
+                self.last_result = result
+                self.turns_served += 1
+                sink.on_result(request, result)
+            except AgentError as exc:
+                sink.on_error(request, exc)
+            except Exception as exc:  # a bug must not kill the worker: report it and keep serving
+                log.exception("turn %s failed", request.id)
+                sink.on_error(request, AgentError(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
+            finally:
+                self.current = None
+                self.progress_at = time.monotonic()
+
+    def _release_idle_projector(self) -> None:
+        idle = self.projector_idle
+        if idle is not None and self.model.projector_used and time.monotonic() - self.model.projector_used > idle:
+            self.model.release_projector()
+            self.model.projector_used = 0.0
+
+    def _turns(self, request: Request) -> list[Turn]:
+        """The conversation so far plus this question, dropping the oldest exchanges until the answer fits."""
+        question = Turn("user", request.text)
+        if self.conversation is None:
+            return [question]
+        budget = request.max_tokens or self.model.cfg.max_tokens
+        while True:
+            turns = [*self.conversation.history(), question]
+            if self.model.fits(turns, request.system, budget):
+                return turns
+            if not self.conversation.forget_oldest():
+                return turns
+
+    def stop(self, timeout: float = 4.0) -> bool:
+        """Cancel the running turn, fail the queued ones, and join the worker. True if it ended in time."""
+        self._cancel.set()  # seen between tokens, and by llama.cpp's abort callback during the prompt
+        while True:  # fail waiting requests now so their senders hear back before we go offline
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            request, sink = item
+            sink.on_error(request, _shutting_down(request))
+        if self._thread.ident is None:  # never started
+            return True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+def _shutting_down(request: Request) -> AgentError:
+    return AgentError(ErrorCode.SHUTTING_DOWN, "the daemon stopped before this request was served", request.id)

@@ -1,0 +1,72 @@
+"""Opening the model a config names: check the files with our own header reader, plan the memory, load with the
+plan (or connect to a remote server), and learn what the projector takes. Failures raise ModelFileError /
+ModelLoadError / AgentError; `exit_code_for` maps them to the documented exit codes."""
+
+from __future__ import annotations
+
+import logging
+
+from agent.config import Config
+from agent.contract.exitcodes import ExitCode
+from agent.gguf import ModelFileError, verify
+from agent.llm.engine import Backend
+from agent.llm.local import LocalModel, ModelLoadError
+from agent.memory.plan import plan
+from agent.memory.shape import MemoryPlanError
+from agent.turns.types import MediaSupport
+
+log = logging.getLogger("agent.llm")
+
+
+def load_model(cfg: Config) -> LocalModel:
+    """Check the model file with our own header parser, then load it; raises ModelFileError/ModelLoadError."""
+    info = verify(cfg.model.path, cfg.model.sha256)
+    if cfg.model.lora:
+        adapter = verify(cfg.model.lora)
+        if adapter.metadata.get("general.type") != "adapter" or adapter.arch != info.arch:
+            raise ModelFileError(f"{cfg.model.lora}: not a LoRA adapter for {info.arch} (general.type "
+                                 f"{adapter.metadata.get('general.type')!r}, arch {adapter.arch})")
+    log.info("model file ok: %s (%s, %.1f MiB, %d tensors)", cfg.model.path, info.arch, info.size / 2**20,
+             len(info.tensors))
+    projector = verify(cfg.model.mmproj) if cfg.model.mmproj else None
+    try:  # the load setting that fits the memory budget (bench/RESULTS.md), or a refusal with the table
+        chosen = plan(info, cfg.model, cfg.memory, projector=projector)
+    except MemoryPlanError as exc:
+        raise ModelLoadError(str(exc)) from None
+    for line in chosen.lines(rows=4):
+        log.info("%s", line)
+    return LocalModel(cfg.model, plan=chosen)
+
+
+def open_backend(cfg: Config) -> tuple[Backend, MediaSupport]:
+    """The model the engine talks to: loaded here (model.backend local), or a remote llama-server."""
+    if cfg.model.backend == "remote":
+        from agent.llm.remote import RemoteModel
+
+        remote = RemoteModel(cfg.model, cfg.remote)
+        problem = remote.check()
+        if problem:  # not fatal: the server may come up later; each turn reports its own failure
+            log.warning("remote model server: %s", problem)
+        return remote, MediaSupport(vision=cfg.remote.vision, audio=cfg.remote.audio)
+    model = load_model(cfg)
+    return model, probe_projector(model, cfg)
+
+
+def probe_projector(model: LocalModel, cfg: Config) -> MediaSupport:
+    """Load model.mmproj once at start to learn what it takes (libmtmd's own answer, not the file's claims); keep
+    it loaded only when memory.projector makes it resident. A projector that will not load stops the start (exit
+    65). load_model has already checked its header."""
+    if not cfg.model.mmproj:
+        return MediaSupport()
+    projector = model.projector()
+    support = MediaSupport(vision=projector.vision, audio=projector.audio)
+    if cfg.memory.projector_idle_release is not None or not model.projector_resident:
+        model.release_projector("probed at start; loaded again for the first image")
+    return support
+
+
+def exit_code_for(exc: Exception) -> ExitCode:
+    """EX_NOINPUT for a missing or unreadable file, EX_DATAERR for one that is there but unusable."""
+    if isinstance(exc, ModelFileError) and exc.missing:
+        return ExitCode.EX_NOINPUT
+    return ExitCode.EX_DATAERR

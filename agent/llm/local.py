@@ -1,0 +1,321 @@
+"""A GGUF model loaded here through llama-cpp-python, running one turn at a time.
+
+`LocalModel` formats the prompt (prefix-stable, so the system prompt's KV cache is reused), evaluates images and
+audio through the projector, streams tokens and stops on end-of-turn / EOS / max_tokens / deadline / cancel. Every
+use of llama-cpp-python beyond its public API goes through `llama_shim`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent.config import ModelConfig, available_cpus
+from agent.contract.codes import AgentError, ErrorCode, StopReason
+from agent.llm import llama_shim
+from agent.llm.engine import must_stop
+from agent.llm.native_logs import route_llama_logs
+from agent.llm.projector import Projector, ProjectorError, Prompt
+from agent.llm.prompt import END, ChatTemplate, TemplateProblem, gemma_prompt
+from agent.memory import apply
+from agent.memory.plan import Plan
+from agent.turns.types import Request, Result, Turn
+
+log = logging.getLogger("agent.llm")
+
+RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a new seed each turn
+
+
+class ModelLoadError(Exception):
+    """The model file could not be loaded."""
+
+
+class LocalModel:
+    """A loaded GGUF model and the chat format it speaks. Not thread-safe: one owner (the Engine's worker)."""
+
+    def __init__(self, cfg: ModelConfig, path: str | None = None, plan: Plan | None = None) -> None:
+        """`plan` (agent.memory.plan.plan_for) picks mmap, repacking, ubatch, KV cache type and flash attention, and
+        whether cold pages are dropped after loading; without one, llama.cpp's defaults and cfg.n_ubatch."""
+        import llama_cpp
+
+        self.cfg = cfg
+        self.path = path or cfg.path
+        self.plan = plan
+        route_llama_logs()
+        threads = cfg.n_threads or available_cpus()
+        options: dict[str, Any] = {"n_ubatch": cfg.n_ubatch, "use_mmap": True}
+        if plan is not None:
+            if plan.chosen is None:
+                raise ModelLoadError(plan.refusal())
+            options.update(plan.load_options())
+            log.info("memory plan: %s", plan.summary())
+        started = time.monotonic()
+        try:
+            with llama_shim.model_params(repack=plan is None or plan.chosen is None or plan.chosen.setting.repack):
+                self.llm = llama_cpp.Llama(
+                    model_path=self.path, n_ctx=cfg.n_ctx, n_batch=cfg.n_batch,
+                    n_threads=threads, n_threads_batch=threads, n_gpu_layers=cfg.n_gpu_layers,
+                    seed=RANDOM_SEED if cfg.seed < 0 else cfg.seed,
+                    # A full-size sliding-window cache keeps every position, so a reused prefix stays exact after
+                    # long turns (a pruned SWA cache would silently attend over missing positions).
+                    swa_full=True, verbose=False, **options,
+                )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(f"{self.path}: llama.cpp could not load the model: {exc}") from None
+        if plan is not None and plan.release_cold and plan.chosen is not None:
+            dropped = apply.release_cold_pages(self.path, plan.chosen)
+            log.info("dropped %.0f MiB of cold model pages (per-layer embeddings, repacked weights' file copy)",
+                     dropped / apply.MiB)
+        self.load_seconds = time.monotonic() - started
+        self._vocab = llama_shim.vocab_handle(self.llm)
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        self._end_of_turn = self._single_token(END)
+        self._abort_deadline = float("inf")
+        self._abort_event: threading.Event | None = None
+        self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
+        self._no_abort_cb = llama_cpp.ggml_abort_callback()
+        self._set_abort = llama_cpp.llama_set_abort_callback
+        self.template = self._load_template()
+        if cfg.lora:
+            self._apply_lora(cfg.lora, cfg.lora_scale)
+        self.threads = threads
+        self._projector: Projector | None = None
+        self.projector_used = 0.0
+        # False when the memory plan loads the projector for each image and frees it before decoding
+        self.projector_resident = plan is None or plan.chosen is None or plan.chosen.setting.projector_resident
+        log.info("model loaded: %s in %.2fs (n_ctx %d, threads %d, chat format %s)", self.path,
+                 self.load_seconds, cfg.n_ctx, threads, "GGUF template" if self.template else "built-in Gemma")
+
+    def projector(self) -> Projector:
+        """The model.mmproj projector, loaded on first use."""
+        if self._projector is None:
+            if not self.cfg.mmproj:
+                raise AgentError(ErrorCode.NO_PROJECTOR, "this model has no projector (model.mmproj is not set): it "
+                                  "cannot take images or audio")
+            try:
+                self._projector = Projector(self.cfg.mmproj, llama_shim.model_handle(self.llm), self.threads,
+                                            self.cfg.n_gpu_layers != 0)
+            except ProjectorError as exc:
+                raise AgentError(ErrorCode.PROJECTOR_ERROR, str(exc)) from None
+        self.projector_used = time.monotonic()
+        return self._projector
+
+    @property
+    def projector_loaded(self) -> bool:
+        return self._projector is not None
+
+    def release_projector(self, why: str = "") -> bool:
+        """Free the projector's memory (it is loaded again on next use); True if one was loaded."""
+        if self._projector is None:
+            return False
+        self._projector.close()
+        self._projector = None
+        apply.return_freed_heap()
+        log.info("projector released (%s)", why or f"{time.monotonic() - self.projector_used:.0f}s unused")
+        return True
+
+    def _apply_lora(self, path: str, scale: float) -> None:
+        """Load a GGUF LoRA adapter onto the model (freed with it) and enable it at `scale`. Done here rather
+        than through Llama(lora_path=...), which would turn mmap off and load the whole model into RAM."""
+        import llama_cpp
+
+        adapter = llama_cpp.llama_adapter_lora_init(llama_shim.model_handle(self.llm), path.encode())
+        if not adapter:
+            raise ModelLoadError(f"{path}: llama.cpp could not load the LoRA adapter (it must be a GGUF LoRA made "
+                                 f"for {self.path}'s architecture and shapes)")
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+        scales = (ctypes.c_float * 1)(scale)
+        if llama_cpp.llama_set_adapters_lora(llama_shim.context_handle(self.llm), adapters, 1, scales):
+            raise ModelLoadError(f"{path}: llama.cpp could not enable the LoRA adapter")
+        log.info("LoRA adapter %s enabled at scale %.2f", path, scale)
+
+    def _single_token(self, text: str) -> int | None:
+        ids = self.llm.tokenize(text.encode(), add_bos=False, special=True)
+        return ids[0] if len(ids) == 1 else None
+
+    def _load_template(self) -> ChatTemplate | None:
+        source = self.llm.metadata.get("tokenizer.chat_template")
+        if not source:
+            return None
+        try:
+            return ChatTemplate(source, self._token_text(self.llm.token_bos()), self._token_text(self.llm.token_eos()))
+        except TemplateProblem as exc:
+            log.warning("%s; using the built-in Gemma turn format", exc)
+            return None
+
+    def _token_text(self, token: int) -> str:
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.llm.n_ctx())
+
+    @property
+    def name(self) -> str:
+        return str(self.llm.metadata.get("general.name", "Gemma"))
+
+    def fits(self, turns: list[Turn], system: str | None, budget: int) -> bool:
+        """Whether these turns plus an answer of `budget` tokens fit the context window."""
+        return len(self.tokenize(self.render(turns, system))) + budget <= self.n_ctx
+
+    def render(self, turns: list[Turn], system: str | None = None) -> str:
+        system = self.cfg.system_prompt if system is None else system
+        if self.template is not None:
+            try:
+                return self.template.render(system, turns)
+            except TemplateProblem as exc:
+                log.warning("%s; using the built-in Gemma turn format", exc)
+                self.template = None
+        return gemma_prompt(system, turns, self._token_text(self.llm.token_bos()))
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return list(self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+
+    def cached_prefix(self, tokens: list[int]) -> int:
+        """How many leading tokens of `tokens` are already in the KV cache."""
+        cached = llama_shim.cached_tokens(self.llm)
+        n = 0
+        for a, b in zip(cached, tokens, strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def _should_abort(self, _data: Any) -> bool:
+        event = self._abort_event
+        return (event is not None and event.is_set()) or time.monotonic() > self._abort_deadline
+
+    def generate(self, request: Request, turns: list[Turn] | None = None,
+                 on_delta: Callable[[str, int], None] | None = None,
+                 cancel: threading.Event | None = None) -> Result:
+        """Run one turn; `turns` defaults to the request's text as the only user turn."""
+        cfg = self.cfg
+        started = time.monotonic()
+        deadline = started + cfg.deadline
+        turns = list(turns or [Turn("user", request.text)])
+        prompt: Prompt | None = None
+        if request.media:
+            projector = self.projector()
+            marked = projector.marker * len(request.media) + turns[-1].text
+            turns[-1] = Turn("user", marked)
+            try:
+                prompt = projector.prompt(self.render(turns, request.system), request.media)
+            except ProjectorError as exc:
+                raise AgentError(ErrorCode.PROJECTOR_ERROR, str(exc)) from None
+            tokens = prompt.tokens
+        else:
+            tokens = self.tokenize(self.render(turns, request.system))
+        try:
+            return self._run(request, tokens, prompt, started, deadline, on_delta, cancel)
+        finally:
+            if prompt is not None:
+                prompt.close()
+
+    def _run(self, request: Request, tokens: list[int], prompt: Prompt | None, started: float, deadline: float,
+             on_delta: Callable[[str, int], None] | None, cancel: threading.Event | None) -> Result:
+        cfg = self.cfg
+        room = self.n_ctx - len(tokens)
+        if room < 2:
+            raise AgentError(ErrorCode.PROMPT_TOO_LONG, f"the prompt is {len(tokens)} tokens; the context is "
+                             f"{self.n_ctx}")
+        budget = min(request.max_tokens or cfg.max_tokens, room - 1)
+        cached = min(self.cached_prefix(tokens), len(tokens) - 1)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces: list[str] = []
+        n_out, first_at, stop, media_s = 0, 0.0, StopReason.MAX_TOKENS, 0.0
+        self._abort_deadline, self._abort_event = deadline, cancel
+        # The abort callback runs per graph node: armed for the prompt only, where one decode can take seconds.
+        self._set_abort(llama_shim.context_handle(self.llm), self._abort_cb, None)
+        try:
+            if prompt is not None:
+                media_began = time.monotonic()
+                self._feed_media(prompt)
+                media_s = time.monotonic() - media_began
+                if not self.projector_resident:  # the plan had no room for it beside decoding: free it now
+                    prompt.close()
+                    self.release_projector("an on-demand plan")
+            for token in self.llm.generate(
+                tokens, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, temp=cfg.temperature,
+                repeat_penalty=cfg.repeat_penalty, reset=True,
+            ):
+                if n_out == 0:
+                    first_at = time.monotonic()
+                    self._set_abort(llama_shim.context_handle(self.llm), self._no_abort_cb, None)
+                if self._is_eog(self._vocab, token) or token == self._end_of_turn:
+                    stop = StopReason.END
+                    break
+                n_out += 1
+                text = decoder.decode(self.llm.detokenize([token]))
+                if text:
+                    pieces.append(text)
+                    if on_delta is not None:
+                        on_delta(text, len(pieces) - 1)
+                if halted := must_stop(cancel, deadline):
+                    stop = halted
+                    break
+                if n_out >= budget:
+                    asked = request.max_tokens or cfg.max_tokens
+                    stop = StopReason.MAX_TOKENS if budget == asked else StopReason.CONTEXT
+                    break
+        except RuntimeError as exc:  # llama_decode aborted (cancel/deadline during the prompt) or failed
+            if not self._should_abort(None):
+                raise AgentError(ErrorCode.MODEL_ERROR, f"llama.cpp failed during the turn: {exc}") from None
+            stop = StopReason.DEADLINE if time.monotonic() > deadline else StopReason.CANCELLED
+        finally:
+            self._set_abort(llama_shim.context_handle(self.llm), self._no_abort_cb, None)
+            llama_shim.free_sampler(self.llm)
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            pieces.append(tail)
+            if on_delta is not None:
+                on_delta(tail, len(pieces) - 1)
+        ended = time.monotonic()
+        first_at = first_at or ended
+        prefill_s, decode_s = first_at - started, ended - first_at
+        return Result(
+            id=request.id, text="".join(pieces), source=request.source, stop=stop,
+            prompt_tokens=len(tokens), cached_tokens=cached, completion_tokens=n_out,
+            ttft_ms=prefill_s * 1000, latency_ms=(ended - started) * 1000,
+            prefill_tps=(len(tokens) - cached) / prefill_s if prefill_s > 0 else 0.0,
+            decode_tps=(n_out - 1) / decode_s if n_out > 1 and decode_s > 0 else 0.0,
+            queue_ms=(started - request.created) * 1000, media_ms=media_s * 1000,
+            image_tokens=prompt.media_tokens("image") if prompt else 0,
+            audio_tokens=prompt.media_tokens("audio") if prompt else 0,
+            transcript=request.transcript,
+        )
+
+    def _feed_media(self, prompt: Prompt) -> None:
+        """Evaluate every piece before the last text piece that the KV cache does not already hold.
+
+        Media pieces stand in the token bookkeeping as a run of one negative pseudo-token derived from their
+        content, so an identical image is reused and a different one never is; `llm.generate` then finds the
+        whole prefix cached and evaluates only the final text.
+        """
+        llm = self.llm
+        tokens = prompt.tokens
+        keep = self.cached_prefix(tokens)
+        pos = 0
+        for piece in prompt.pieces:  # never keep half of a media chunk
+            if piece.kind != "text" and pos < keep < pos + len(piece.tokens):
+                keep = pos
+            pos += len(piece.tokens)
+        llama_shim.keep_prefix(llm, keep)
+        pos = 0
+        for piece in prompt.pieces[:-1]:
+            end = pos + len(piece.tokens)
+            if end > keep:
+                if piece.kind == "text":
+                    llm.eval(piece.tokens[max(0, keep - pos):])
+                else:
+                    new_n_past = self.projector().evaluate(piece, llama_shim.context_handle(llm), llm.n_tokens,
+                                                           llm.n_batch)
+                    llama_shim.record_media(llm, piece.tokens[0], new_n_past)
+            pos = end
+
+    def close(self) -> None:
+        self.llm.close()

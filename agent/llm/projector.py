@@ -1,0 +1,154 @@
+"""A multimodal projector (mmproj GGUF) through libmtmd: images and audio become chunks of the prompt.
+
+One libmtmd context per projector, bound to the loaded text model. Images go in as RGB bitmaps built from memory
+(no temp files, no JPEG round trip); audio as float PCM at the projector's sample rate. `Projector.prompt()` cuts
+a prompt with media markers into text tokens and media chunks; the engine evaluates them in order and keeps the
+KV cache of what did not change (the system prompt, and a media chunk whose content is identical).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from agent.turns.types import Media
+
+log = logging.getLogger("agent.llm.projector")
+CHUNK_TEXT, CHUNK_IMAGE, CHUNK_AUDIO = 0, 1, 2  # mtmd_input_chunk_type
+
+
+class ProjectorError(Exception):
+    """The projector cannot be loaded, or cannot take this input."""
+
+
+@dataclass
+class Piece:
+    """A run of the prompt: text tokens, or one media chunk standing for `n_pos` positions."""
+
+    tokens: list[int]  # text tokens, or [media key] * n_pos for a media chunk
+    chunk: Any = None  # the mtmd chunk for media pieces
+    kind: str = "text"
+    n_tokens: int = 0
+
+
+class Prompt:
+    """A tokenized multimodal prompt; owns the mtmd chunks until close()."""
+
+    def __init__(self, chunks: Any, pieces: list[Piece]) -> None:
+        self._chunks = chunks
+        self.pieces = pieces
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for p in self.pieces for t in p.tokens]
+
+    def media_tokens(self, kind: str) -> int:
+        return sum(p.n_tokens for p in self.pieces if p.kind == kind)
+
+    def close(self) -> None:
+        from llama_cpp import mtmd_cpp as mtmd
+
+        if self._chunks is not None:
+            mtmd.mtmd_input_chunks_free(self._chunks)
+            self._chunks = None
+
+
+class Projector:
+    """An mmproj loaded for a text model (`model`: its llama_model pointer, from llama_shim.model_handle)."""
+
+    def __init__(self, path: str, model: Any, threads: int, use_gpu: bool = False) -> None:
+        from llama_cpp import mtmd_cpp as mtmd
+
+        self.mtmd = mtmd
+        self.path = path
+        params = mtmd.mtmd_context_params_default()
+        params.use_gpu = use_gpu
+        params.n_threads = threads
+        params.print_timings = False
+        params.warmup = False
+        self.ctx = mtmd.mtmd_init_from_file(path.encode(), model, params)
+        if not self.ctx:
+            raise ProjectorError(f"{path}: libmtmd could not load the projector (see the llama.cpp log above; "
+                                 "its n_embd must match the text model's)")
+        self.vision = bool(mtmd.mtmd_support_vision(self.ctx))
+        self.audio = bool(mtmd.mtmd_support_audio(self.ctx))
+        self.sample_rate = int(mtmd.mtmd_get_audio_sample_rate(self.ctx)) if self.audio else 0
+        self.marker = mtmd.mtmd_default_marker().decode()
+        log.info("projector loaded: %s (vision %s, audio %s)", path, self.vision, self.audio)
+
+    def prompt(self, text: str, media: list[Media]) -> Prompt:
+        """Tokenize `text` (containing one marker per media item, in order) into pieces."""
+        mtmd = self.mtmd
+        for item in media:
+            if item.kind == "image" and not self.vision:
+                raise ProjectorError(f"{self.path} has no vision encoder: it cannot take images")
+            if item.kind == "audio" and not self.audio:
+                raise ProjectorError(f"{self.path} has no audio encoder: it cannot take audio")
+        bitmaps = [self._bitmap(item) for item in media]
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            encoded = text.encode()
+            source = mtmd.mtmd_input_text()
+            source.text, source.text_len = encoded, len(encoded)
+            source.add_special, source.parse_special = False, True
+            array = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+            rc = mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(source), array, len(bitmaps))
+            if rc != 0:
+                raise ProjectorError(f"libmtmd could not tokenize the prompt (code {rc}: "
+                                     "markers and media items must match)")
+            return Prompt(chunks, self._pieces(chunks, media))
+        except BaseException:
+            mtmd.mtmd_input_chunks_free(chunks)
+            raise
+        finally:
+            for bitmap in bitmaps:
+                mtmd.mtmd_bitmap_free(bitmap)
+
+    def _bitmap(self, item: Media) -> Any:
+        mtmd = self.mtmd
+        if item.kind == "image":
+            rgb = np.ascontiguousarray(item.data, dtype=np.uint8)
+            if rgb.ndim != 3 or rgb.shape[2] != 3:
+                raise ProjectorError(f"an image must be HxWx3 RGB, got shape {rgb.shape}")
+            # libmtmd copies the pixels: a pointer into the (possibly read-only) array is enough
+            return mtmd.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+        pcm = item.data.astype(np.float32) / 32768.0 if item.data.dtype == np.int16 else item.data
+        pcm = np.ascontiguousarray(pcm, dtype=np.float32)
+        if pcm.ndim != 1 or pcm.size == 0:
+            raise ProjectorError("audio must be a non-empty mono clip")
+        return mtmd.mtmd_bitmap_init_from_audio(pcm.size, pcm.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+
+    def _pieces(self, chunks: Any, media: list[Media]) -> list[Piece]:
+        mtmd = self.mtmd
+        pieces: list[Piece] = []
+        keys = iter([m.key for m in media])
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            kind = mtmd.mtmd_input_chunk_get_type(chunk)
+            if kind == CHUNK_TEXT:
+                n = ctypes.c_size_t()
+                ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                pieces.append(Piece([int(ptr[j]) for j in range(n.value)]))
+            else:
+                n_pos = int(mtmd.mtmd_input_chunk_get_n_pos(chunk))
+                pieces.append(Piece([next(keys)] * n_pos, chunk, "image" if kind == CHUNK_IMAGE else "audio",
+                                    int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))))
+        return pieces
+
+    def evaluate(self, piece: Piece, lctx: Any, n_past: int, n_batch: int) -> int:
+        """Encode a media piece and decode its embeddings at n_past; returns the new n_past."""
+        new_n_past = ctypes.c_int32(n_past)
+        rc = self.mtmd.mtmd_helper_eval_chunk_single(self.ctx, lctx, piece.chunk, n_past, 0, n_batch, False,
+                                                     ctypes.byref(new_n_past))
+        if rc != 0:
+            raise RuntimeError(f"libmtmd could not evaluate the {piece.kind} (code {rc})")
+        return int(new_n_past.value)
+
+    def close(self) -> None:
+        if self.ctx:
+            self.mtmd.mtmd_free(self.ctx)
+            self.ctx = None

@@ -1,0 +1,248 @@
+"""The MQTT connection: availability with a last will, a client that reconnects on its own, outbound messages
+(durable ones through the outbox), inbound messages handed to one handler.
+
+paho-mqtt 2.x (CallbackAPIVersion.VERSION2) runs its network loop in its own thread (`loop_start`), connects
+asynchronously and reconnects with exponential backoff (reconnect_min doubling up to reconnect_max).
+Subscriptions are renewed in on_connect. Inbound messages go to a handler that must not block: it parses and
+queues work for the engine. A persistent session (clean_session False, stable client id) makes the broker keep
+QoS 1 requests that arrive while we are away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.config import MqttConfig
+from agent.contract.outbound import Outbound
+from agent.contract.topics import TOPICS, Topics
+from agent.mqtt.outbox import Outbox
+
+log = logging.getLogger("agent.mqtt")
+
+ONLINE, OFFLINE = "online", "offline"
+
+
+Handler = Callable[[str, bytes], None]
+
+
+def make_client(cfg: MqttConfig, client_id: str, persistent: bool = False) -> mqtt.Client:
+    """A paho client with the configured credentials and TLS (shared by the daemon and `check`)."""
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv311, clean_session=not persistent)
+    if cfg.username:
+        client.username_pw_set(cfg.username, cfg.password or None)
+    if cfg.tls.enabled:
+        client.tls_set(ca_certs=cfg.tls.ca_file or None, certfile=cfg.tls.cert_file or None,
+                       keyfile=cfg.tls.key_file or None)
+        client.tls_insecure_set(cfg.tls.insecure)
+    return client
+
+
+def _one_shot(cfg: MqttConfig, client_id: str, topic: str | None, timeout: float) -> str | None:
+    """Connect once, optionally publish an empty retained message to `topic` (which deletes the retained one),
+    and disconnect; None on success, else why not."""
+    client = make_client(cfg, client_id)
+    outcome: list[str] = []
+    done = threading.Event()
+
+    def on_connect(_c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        outcome.append(str(reason) if reason.is_failure else "")
+        done.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(cfg.host, cfg.port, keepalive=10)
+    except (OSError, ValueError) as exc:
+        return f"cannot connect to {cfg.host}:{cfg.port}: {exc}"
+    client.loop_start()
+    try:
+        if not done.wait(timeout):
+            return f"no answer from {cfg.host}:{cfg.port} within {timeout:.0f}s"
+        if outcome[0]:
+            return f"the broker refused us: {outcome[0]}"
+        if topic is not None:
+            client.publish(topic, b"", qos=1, retain=True).wait_for_publish(timeout)
+        return None
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def probe_broker(cfg: MqttConfig, client_id: str, timeout: float = 5.0) -> str | None:
+    """Connect once and disconnect; None when the broker accepted us, else why not."""
+    return _one_shot(cfg, f"{client_id}-check", None, timeout)
+
+
+def remove_retained(cfg: MqttConfig, client_id: str, topic: str, timeout: float = 5.0) -> str | None:
+    """Delete a retained message (an empty retained payload replaces it)."""
+    return _one_shot(cfg, f"{client_id}-admin", topic, timeout)
+
+
+class MqttClient:
+    """One MQTT connection: availability, inbound messages, outbound messages (durable through the outbox)."""
+
+    def __init__(self, cfg: MqttConfig, device_id: str, outbox: Outbox | None = None,
+                 extra_subscriptions: tuple[str, ...] = ()) -> None:
+        self.cfg = cfg
+        self.topics = Topics(cfg.prefix, device_id)
+        self.client_id = f"gemma-agent-{device_id}"
+        self.outbox = outbox
+        self._handler: Handler = _unhandled
+        self._subscriptions = self.topics.inbound + extra_subscriptions
+        self.connected = threading.Event()
+        self.connects = 0
+        self.disconnects = 0
+        self.last_error = ""
+        self._closing = False
+        self._lock = threading.Lock()
+        # Held while an outbox message is stored and handed to paho, and while the outbox is flushed on
+        # (re)connect, so a message is never sent by both. Never taken inside a paho callback that paho calls
+        # under its own locks (on_publish), so it cannot deadlock with paho.
+        self._send_lock = threading.Lock()
+        self._in_flight: dict[int, int] = {}  # paho mid -> outbox seq, until PUBACK
+        self._early_acks: set[int] = set()  # PUBACKs that beat us to recording their mid
+        self.on_connected: list[Callable[[], None]] = []
+        client = make_client(cfg, self.client_id, persistent=True)
+        client.enable_logger(logging.getLogger("agent.mqtt.paho"))
+        client.reconnect_delay_set(min_delay=max(1, round(cfg.reconnect_min)),
+                                   max_delay=max(1, round(cfg.reconnect_max)))
+        client.will_set(self.topics.availability, OFFLINE, qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        self.client = client
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self, handler: Handler) -> None:
+        """Connect in the background and hand every inbound message to `handler` (on paho's thread: it must not
+        block); returns at once. Reconnects forever until stop()."""
+        self._handler = handler
+        log.info("connecting to mqtt://%s:%d as %s (tls %s)", self.cfg.host, self.cfg.port, self.client_id,
+                 "on" if self.cfg.tls.enabled else "off")
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
+        self.client.loop_start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Publish `offline` (retained), wait briefly for it and for in-flight messages, then disconnect."""
+        self._closing = True
+        if self.connected.is_set():
+            info = self.client.publish(self.topics.availability, OFFLINE, qos=1, retain=True)
+            end = time.monotonic() + timeout
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("offline status not confirmed: %s", exc)
+            while self._in_flight and time.monotonic() < end:
+                time.sleep(0.02)
+        self.client.disconnect()
+        self.client.loop_stop()
+        left = len(self.outbox) if self.outbox is not None else 0
+        log.info("disconnected from the broker%s", f"; {left} message(s) wait in the outbox" if left else "")
+
+    # --- outbound ----------------------------------------------------------------------------------
+
+    def publish_json(self, topic: str, payload: dict[str, Any], qos: int = 1, retain: bool = False,
+                     durable: bool = False, settles: str | None = None) -> None:
+        """Publish JSON. `durable`: written to the outbox first and kept until the broker acknowledges it;
+        `settles`: the accepted request this message answers (see Outbox.accept)."""
+        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        if durable and self.outbox is not None and qos > 0:
+            with self._send_lock:
+                seq = self.outbox.put(topic, data, qos, retain, settles=settles)
+                if self.connected.is_set():
+                    self._send(seq, topic, data, qos, retain)
+            return
+        self.publish_bytes(topic, data, qos, retain)
+
+    def publish(self, message: Outbound, settles: str | None = None) -> None:
+        """A message of the contract, with its topic's QoS, retain flag and durability (contract.topics)."""
+        spec = TOPICS[message.topic]
+        self.publish_json(self.topics.full(message.topic), message.to_json(), qos=spec.qos, retain=spec.retain,
+                          durable=spec.durable, settles=settles)
+
+    def publish_bytes(self, topic: str, data: bytes, qos: int = 1, retain: bool = False) -> None:
+        """A raw payload (a JPEG snapshot, say), not kept in the outbox."""
+        info = self.client.publish(topic, data, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.warning("publish to %s failed: %s", topic, mqtt.error_string(info.rc))
+
+    def _send(self, seq: int, topic: str, data: bytes, qos: int, retain: bool) -> None:
+        """Hand an outbox message to paho; its PUBACK (on_publish) removes it from the outbox."""
+        info = self.client.publish(topic, data, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.warning("publish to %s failed: %s; kept in the outbox", topic, mqtt.error_string(info.rc))
+            return
+        with self._lock:  # paho calls on_publish under its own lock: never call paho while holding ours
+            if info.mid in self._early_acks:
+                self._early_acks.discard(info.mid)
+                acked = True
+            else:
+                self._in_flight[info.mid] = seq
+                acked = False
+        if acked and self.outbox is not None:
+            self.outbox.ack(seq)
+
+    def _flush_outbox(self) -> None:
+        """Send what the outbox holds that paho is not already retrying (left from outages and restarts)."""
+        if self.outbox is None:
+            return
+        with self._lock:
+            in_flight = set(self._in_flight.values())
+        pending = [m for m in self.outbox.pending() if m.seq not in in_flight]
+        if pending:
+            log.info("delivering %d message(s) from the outbox", len(pending))
+        for m in pending:
+            self._send(m.seq, m.topic, m.payload, m.qos, m.retain)
+
+    # --- paho callbacks (paho's network thread: never block here) -----------------------------------
+
+    def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            self.last_error = str(reason)
+            log.warning("broker refused the connection: %s", reason)
+            return
+        self.connects += 1
+        client.subscribe([(topic, 1) for topic in self._subscriptions])
+        client.publish(self.topics.availability, ONLINE, qos=1, retain=True)
+        log.info("connected to the broker (connection %d); serving %s/#", self.connects, self.topics.base)
+        with self._send_lock:
+            self.connected.set()
+            self._flush_outbox()
+        for callback in self.on_connected:
+            callback()
+
+    def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        was_connected = self.connected.is_set()
+        self.connected.clear()
+        if was_connected and not self._closing:
+            self.disconnects += 1
+            self.last_error = str(reason)
+            log.warning("lost the broker (%s); reconnecting with backoff", reason)
+
+    def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, _reason: Any, _props: Any) -> None:
+        with self._lock:
+            seq = self._in_flight.pop(mid, None)
+            if seq is None:
+                self._early_acks.add(mid)
+        if seq is not None and self.outbox is not None:
+            self.outbox.ack(seq)
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._handler(msg.topic, bytes(msg.payload))
+        except Exception:  # a bad message must never kill paho's network thread
+            log.exception("handling a message on %s failed", msg.topic)
+
+
+def _unhandled(topic: str, _payload: bytes) -> None:
+    log.warning("message on %s before the agent was ready: dropped", topic)

@@ -1,0 +1,187 @@
+"""Turns from every source: MQTT commands (`ask`, `describe`, `listen`, `reset`), speech and motion. The router
+decides what each becomes (text, the latest frame, audio), applies the vision and listen policies and the rate
+limits, and queues requests for the model; refusals go out at once as `error` messages. It never blocks its
+caller (paho's network thread, the camera's grabber, the speech worker)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent.config import Config
+from agent.contract.codes import AgentError, ErrorCode, EventType, Source
+from agent.contract.inbound import parse_ask, parse_describe, parse_listen
+from agent.perception.frames import FramePreparer, ModelImage
+from agent.perception.motion import MotionEvent
+from agent.perception.stage import Perception
+from agent.turns.conversation import Conversation
+from agent.turns.policy import TurnPolicy
+from agent.turns.ratelimit import RateLimiter
+from agent.turns.types import Media, MediaSupport, Output, Request, Result, Sink, TurnQueue, new_id
+
+log = logging.getLogger("agent.turns.router")
+
+
+class _AfterAnswer:
+    """A turn's sink that also runs `answered` once the answer is out (it opens the follow-up window)."""
+
+    def __init__(self, sink: Sink, answered: Callable[[], None]) -> None:
+        self.sink, self.answered = sink, answered
+
+    def on_delta(self, request: Request, delta: str, index: int) -> None:
+        self.sink.on_delta(request, delta, index)
+
+    def on_result(self, request: Request, result: Result) -> None:
+        self.sink.on_result(request, result)
+        self.answered()
+
+    def on_error(self, request: Request, error: AgentError) -> None:
+        self.sink.on_error(request, error)
+
+
+class Router:
+    def __init__(self, cfg: Config, turns: TurnQueue, conversation: Conversation | None, output: Output,
+                 perception: Perception, policy: TurnPolicy, support: MediaSupport) -> None:
+        self.cfg = cfg
+        self.turns, self.conversation, self.output, self.perception = turns, conversation, output, perception
+        self.policy = policy
+        self.support = support
+        self.frames = FramePreparer(cfg.camera)
+        self.limiter = RateLimiter(cfg.limits.asks_per_minute, cfg.limits.sender_asks_per_minute)
+        self._sink = _AfterAnswer(output, policy.answered)
+        self._last_motion_describe = float("-inf")
+        self._motion_lock = threading.Lock()
+
+    # --- MQTT commands ---------------------------------------------------------------------------------
+
+    def on_command(self, command: str, payload: bytes) -> None:
+        """One inbound command (a name from contract.topics.COMMANDS); refusals are published, never raised."""
+        handlers = {"ask": self.ask, "describe": self.describe, "listen": self.listen, "reset": self.reset}
+        try:
+            handlers[command](payload)
+        except AgentError as exc:
+            self.output.refused(exc.request_id, command, exc)
+
+    def ask(self, payload: bytes) -> None:
+        ask = parse_ask(payload, self.cfg.mqtt.max_payload)
+        request = Request(text=ask.text, id=ask.id or new_id(), source=Source.ASK, system=ask.system)
+        try:
+            self._admit(ask.sender)
+            if ask.system is not None and not self.cfg.mqtt.allow_remote_system_prompt:
+                raise AgentError(ErrorCode.FORBIDDEN_FIELD, "field 'system' is refused: replacing the system prompt "
+                                 "over MQTT needs mqtt.allow_remote_system_prompt")
+            self._attach_frame(request, requested=ask.image == "latest", allowed=ask.image != "none")
+        except AgentError as exc:
+            self.output.refused(request.id, Source.ASK, exc)
+            return
+        self.submit(request)
+
+    def describe(self, payload: bytes, source: Source = Source.DESCRIBE, remember: bool = True) -> None:
+        command = parse_describe(payload, self.cfg.mqtt.max_payload)
+        request = Request(text=command.prompt or self.cfg.vision.describe_prompt, id=command.id or new_id(),
+                          source=source, remember=remember)
+        try:
+            if source == Source.DESCRIBE:  # MQTT-originated; motion has its own cooldown
+                self._admit(command.sender)
+            self._attach_frame(request, requested=True)
+        except AgentError as exc:
+            self.output.refused(request.id, source, exc)
+            return
+        self.submit(request)
+
+    def listen(self, payload: bytes) -> None:
+        seconds = parse_listen(payload, self.cfg.mqtt.max_payload, self.cfg.listen.window)
+        self.policy.open_window(seconds, "mqtt")
+        log.info("listening for %.0fs (listen command)", seconds)
+        self.output.event(EventType.LISTENING, {"reason": "mqtt", "seconds": seconds})
+
+    def reset(self, _payload: bytes) -> None:
+        if self.conversation is not None:
+            self.conversation.reset()
+        log.info("conversation reset by MQTT")
+        self.output.event(EventType.RESET, {})
+
+    # --- perception ------------------------------------------------------------------------------------
+
+    def on_motion(self, event: MotionEvent) -> None:
+        """Called on the camera's grabber thread: publish, open a window, maybe describe; never block."""
+        self.output.event(EventType.MOTION, event.payload())
+        if self.cfg.listen.trigger == "motion":
+            self.policy.open_window(why="motion")
+            self.output.event(EventType.LISTENING, {"reason": "motion", "seconds": self.cfg.listen.window})
+        if self.cfg.vision.motion_describe:
+            with self._motion_lock:
+                if event.mono - self._last_motion_describe < self.cfg.vision.motion_cooldown:
+                    return
+                self._last_motion_describe = event.mono
+            self.describe(b"", source=Source.MOTION, remember=False)
+
+    def on_speech(self, request: Request) -> None:
+        """A speech turn from the speech worker: attach the frame per vision.attach, then queue it."""
+        try:
+            self._attach_frame(request, requested=False)
+        except AgentError as exc:
+            self.output.refused(request.id, Source.SPEECH, exc)
+            return
+        self.submit(request)
+
+    # --- shared ----------------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queue a request, journalled until answered (a crash then reports it `interrupted`)."""
+        self.output.accepted(request)
+        try:
+            self.turns.submit(request, self._sink)
+        except AgentError as exc:
+            self.output.on_error(request, exc)
+
+    def _admit(self, sender: str) -> None:
+        if not self.limiter.allow(sender):
+            raise AgentError(ErrorCode.RATE_LIMITED, f"too many requests (limits.asks_per_minute "
+                             f"{self.cfg.limits.asks_per_minute}, per sender "
+                             f"{self.cfg.limits.sender_asks_per_minute}); try again later")
+
+    def _attach_frame(self, request: Request, requested: bool, allowed: bool = True) -> None:
+        """Put the latest frame first in the request's media when asked for (`requested`: a refusal if none is
+        fresh) or when vision.attach is `always` (skipped quietly if none is fresh)."""
+        attach = self.cfg.vision.attach
+        if requested and attach == "never" and request.source in (Source.ASK, Source.SPEECH):
+            raise AgentError(ErrorCode.IMAGE_DISABLED, "vision.attach is never: asks do not take camera frames")
+        if not requested and not (attach == "always" and allowed):
+            return
+        if not requested and not self.support.vision:
+            return
+        try:
+            prepared = self.fresh_frame()
+        except AgentError:
+            if requested:
+                raise
+            log.info("no fresh frame for %s %s: answering without one", request.source, request.id)
+            return
+        if not self.support.vision:
+            raise AgentError(ErrorCode.NO_PROJECTOR, "the model has no vision projector (model.mmproj): it cannot "
+                             "see camera frames")
+        request.media.insert(0, Media("image", prepared.rgb))
+        if prepared.jpeg is not None:
+            self.output.snapshot(prepared.jpeg)
+
+    def fresh_frame(self) -> ModelImage:
+        """The latest frame prepared for the model, or AgentError naming the camera's state."""
+        camera = self.perception.camera
+        if camera is None:
+            detail = self.perception.camera_error or "no camera is configured (camera.enabled is false)"
+            raise AgentError(ErrorCode.NO_CAMERA, detail)
+        frame = camera.latest()
+        if frame is None:
+            raise AgentError(ErrorCode.NO_FRAME, f"the camera has no frame yet (state {camera.state})")
+        age = time.monotonic() - frame.mono
+        if age > self.cfg.vision.max_frame_age:
+            raise AgentError(ErrorCode.STALE_FRAME, f"the latest frame is {age:.1f}s old (vision.max_frame_age "
+                             f"{self.cfg.vision.max_frame_age}s); camera state {camera.state}")
+        return self.frames(frame)
+
+    def stats(self) -> dict[str, Any]:
+        return {"rate_limited": self.limiter.refused}
