@@ -34,7 +34,7 @@ from agent.perception.stage import Perception, TimedUtterance
 from agent.turns.conversation import Conversation
 from agent.turns.policy import TurnPolicy
 from agent.turns.router import Router
-from agent.turns.speech import SpeechToText, SpeechToTextError, SpeechWorker
+from agent.turns.speech import SpeechToText, SpeechToTextError, SpeechWorker, speech_route
 from agent.turns.types import MediaSupport, Output
 
 log = logging.getLogger("agent.app")
@@ -58,16 +58,12 @@ class Speech:
 
 
 def build_speech(cfg: Config, policy: TurnPolicy, support: MediaSupport, output: Output, router: Router) -> Speech:
-    """Native audio when the projector takes audio (listen.speech auto/native), else whisper.cpp; whisper also
-    runs alongside native audio when the wake phrase needs a transcript."""
+    """The speech worker, understanding speech as `speech_route` decides (ConfigError when it cannot)."""
     if not cfg.microphone.enabled:
         return Speech(None, "off")
-    native = support.audio and cfg.listen.speech in ("auto", "native")
-    if cfg.listen.speech == "native" and not support.audio:
-        raise ConfigError(f"listen.speech is native, but model.mmproj ({cfg.model.mmproj or 'not set'}) takes no "
-                          "audio")
+    native, needs_whisper = speech_route(cfg.listen, cfg.microphone.enabled, support)
     stt, mode = None, "off"
-    if not native or cfg.listen.trigger == "wake_phrase":
+    if needs_whisper:
         try:
             stt = SpeechToText(cfg.whisper, cfg.whisper.threads or cfg.model.n_threads or available_cpus())
         except SpeechToTextError as exc:
@@ -101,9 +97,11 @@ class Agent:
     health_beat: Heartbeat
     metrics: MetricsServer | None
     stopping: threading.Event
+    activity: threading.Event
 
     @classmethod
     def build(cls, cfg: Config, notifier: Notifier, stopping: threading.Event) -> Agent:
+        metrics = open_metrics(cfg)  # the port first: a conflict is found in a second, not after the model loads
         notifier.status(f"loading model {cfg.model.path}")
         try:
             with notifier.extending(60, limit=MODEL_LOAD_LIMIT):
@@ -111,10 +109,10 @@ class Agent:
         except (ModelFileError, ModelLoadError, AgentError) as exc:
             raise StartupError(exit_code_for(exc), str(exc)) from None
         conversation = Conversation(cfg.conversation.max_exchanges, cfg.conversation.idle_reset)
+        activity = threading.Event()  # set by the engine at each turn's start and end: health goes out then
         engine = Engine(backend, cfg.model.queue_size, conversation,
-                        projector_idle=cfg.memory.projector_idle_release)
+                        projector_idle=cfg.memory.projector_idle_release, on_activity=activity.set)
         outbox = open_outbox(cfg)
-        metrics = open_metrics(cfg)
         extra = (HA_STATUS,) if cfg.homeassistant.enabled else ()
         client = MqttClient(cfg.mqtt, cfg.device_id, outbox, extra)
         output = MqttOutput(client)
@@ -133,9 +131,9 @@ class Agent:
         projector = (lambda: "none") if not cfg.model.mmproj else \
             (lambda: "loaded" if backend.projector_loaded else "released")
         health = HealthReport(engine, client, outbox, perception, router, watchdog, projector,
-                              lambda: speech.mode, time.monotonic())
+                              lambda: speech.mode, cfg.memory, time.monotonic())
         return cls(cfg, notifier, backend, engine, outbox, client, output, perception, router, speech, watchdog,
-                   health, Heartbeat(), metrics, stopping)
+                   health, Heartbeat(), metrics, stopping, activity)
 
     # --- running -----------------------------------------------------------------------------------------
 
@@ -182,11 +180,19 @@ class Agent:
         log.info("published Home Assistant discovery on %s", discovery_topic(self.cfg))
 
     def publish_health(self) -> None:
-        self.client.publish_json(self.client.topics.health, self.health.snapshot(), retain=True)
+        """The health snapshot, retained. Only while connected: a retained state queued during an outage would be
+        delivered after the fresh one sent on reconnecting, and stay retained, stale."""
+        if self.client.connected.is_set():
+            self.client.publish_json(self.client.topics.health, self.health.snapshot(), retain=True)
         self.health_beat.beat()
 
     def _health_loop(self) -> None:
-        while not self.stopping.wait(self.cfg.health.interval):
+        """Health every health.interval seconds, and whenever a turn starts or ends (busy / idle)."""
+        while not self.stopping.is_set():
+            self.activity.wait(self.cfg.health.interval)
+            self.activity.clear()
+            if self.stopping.is_set():
+                return
             try:
                 self.publish_health()
             except Exception:  # health must never take the daemon down
@@ -194,6 +200,7 @@ class Agent:
 
     def shutdown(self) -> ExitCode:
         log.info("stopping")
+        self.activity.set()  # wakes the health thread, which sees `stopping` and ends
         self.notifier.stopping()
         self.watchdog.stop()
         self.perception.stop()

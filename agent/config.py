@@ -30,6 +30,7 @@ TOPIC_SAFE = r"^[A-Za-z0-9_-]{1,64}$"
 RENAMED = {  # keys of earlier versions -> where that setting lives now (named in the unknown-key error)
     "vision.keep_loaded": "memory.projector",
     "vision.idle_release": "memory.projector",
+    "homeassistant.camera_entity": "camera.snapshot (the camera entity is there whenever snapshots are)",
 }
 
 
@@ -73,6 +74,7 @@ class ModelConfig:
     max_tokens: int = opt(256, 1, 8192)
     deadline: float = opt(120.0, 1.0, 3600.0)
     queue_size: int = opt(4, 1, 1000)
+    prompt_format: Literal["auto", "chat", "completion"] = "auto"
     system_prompt: str = (
         "You are a helpful assistant running on a small home device. Answer briefly and plainly."
     )
@@ -213,7 +215,7 @@ class HealthConfig:
 class HomeAssistantConfig:
     enabled: bool = True
     discovery_prefix: str = opt("homeassistant", pattern=r"^[A-Za-z0-9_/-]{1,64}$")
-    camera_entity: bool = False
+    configuration_url: str = opt("", pattern=r"^$|^https?://\S+$")
 
 
 @dataclass

@@ -67,6 +67,12 @@ class GgufInfo:
         """An architecture key: key("block_count") reads "<arch>.block_count"."""
         return self.metadata.get(f"{self.arch}.{name}", default)
 
+    def projector_inputs(self) -> tuple[bool, bool]:
+        """(vision, audio) a multimodal projector's header declares. llama.cpp may still refuse one it does not
+        implement (Gemma 3n's audio encoder): libmtmd's answer at load time is the final word."""
+        md = self.metadata
+        return bool(md.get("clip.has_vision_encoder")), bool(md.get("clip.has_audio_encoder"))
+
     def bytes_by_type(self) -> dict[str, int]:
         totals: dict[str, int] = {}
         for t in self.tensors:
@@ -223,8 +229,6 @@ def describe(info: GgufInfo) -> list[str]:
         f"model file  {info.path} ({info.size / 2**20:.1f} MiB, GGUF v{info.version})",
         f"model       {md.get('general.name', '?')} (arch {info.arch}, {len(info.tensors)} tensors, "
         f"{info.key('block_count', '?')} layers, context {info.key('context_length', '?')})",
-        "chat format " + ("GGUF chat template (sandboxed)" if md.get("tokenizer.chat_template")
-                          else "built-in Gemma turns (no template in the file)"),
         "weights     " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in info.bytes_by_type().items()),
     ]
     return lines

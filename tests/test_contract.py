@@ -59,8 +59,7 @@ def test_home_assistant_is_told_the_contract() -> None:
     """Every topic discovery names is one of the contract's, in the direction the component uses it, and the event
     entity declares exactly the event types."""
     cfg = Config()
-    cfg.homeassistant.camera_entity = True
-    cfg.camera.snapshot = True
+    cfg.camera.enabled = cfg.camera.snapshot = cfg.motion.enabled = cfg.microphone.enabled = True
     topics = Topics(cfg.mqtt.prefix, "dev")
     payload = discovery_payload(cfg, topics, "0", "model")
     assert [e.value for e in EventType] == EVENT_TYPES

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,8 +13,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from agent.config import Config
+from agent.contract.exitcodes import ExitCode
 from tests.support.daemon import DaemonProcess
 from tests.support.mqtt import Broker, Client, payload_json
+from tests.support.paths import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -166,4 +171,50 @@ def test_not_a_gguf_exits_65(broker: Broker, tmp_path: Path) -> None:
     daemon.start(client, wait_online=False)
     assert daemon.wait() == 65
     assert "not a GGUF file" in daemon.log
+    client.close()
+
+
+def test_a_metrics_port_in_use_stops_the_start_before_anything_is_published(broker: Broker, gemma270m: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = DaemonProcess(broker.port, gemma270m, f"health.prometheus_port={port}")
+        client = Client(broker.port)
+        client.subscribe(f"{daemon.base}/#", f"homeassistant/device/{daemon.device_id}/#")
+        daemon.start(client, wait_online=False)
+        assert daemon.wait(60) == ExitCode.EX_CONFIG
+    lines = [line for line in daemon.log.splitlines() if "prometheus_port" in line]
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "Traceback" not in daemon.log
+    client.publish(f"{daemon.base}/barrier", "b")  # everything the daemon sent would have arrived before this
+    client.wait_for(f"{daemon.base}/barrier")
+    assert [m.topic for m in client.messages] == [f"{daemon.base}/barrier"]
+    client.close()
+
+
+def test_readmes_mosquitto_commands_talk_to_the_agent(broker: Broker, gemma270m: Path) -> None:
+    """The two commands of README's "Try it with mosquitto's tools", run by bash with the test broker's port added:
+    the subscriber prints the answer to the ask the publisher sent (device id: the host name, as there)."""
+    block = (ROOT / "README.md").read_text().split("Try it with mosquitto's tools", 1)[1].split("```sh\n", 1)[1]
+    sub_line, pub_line = block.split("```", 1)[0].strip().splitlines()
+    assert sub_line.endswith(" &") and pub_line.startswith("mosquitto_pub ")
+    daemon = DaemonProcess(broker.port, gemma270m, device_id=Config().device_id)
+    client = Client(broker.port)
+    client.subscribe(f"{daemon.base}/#")
+    daemon.start(client)
+    port = f" -p {broker.port}"
+    sub = subprocess.Popen(["bash", "-c", sub_line.removesuffix(" &") + port], text=True, stdout=subprocess.PIPE)
+    assert sub.stdout is not None
+    while sub.stdout.readline() != f"{daemon.base}/availability online\n":  # retained: mosquitto_sub has subscribed
+        pass
+    subprocess.run(["bash", "-c", pub_line + port], check=True, timeout=30)
+    client.wait_for(f"{daemon.base}/response", lambda m: payload_json(m)["id"] == "1")
+    lines: list[str] = []
+    while not lines or not lines[-1].startswith(f"{daemon.base}/response {{"):
+        lines.append(sub.stdout.readline())
+    sub.terminate()
+    sub.wait(10)
+    assert any(line.startswith(f"{daemon.base}/ask {{") for line in lines)  # after the retained health
+    assert f'{daemon.base}/response {{"id":"1","text":' in lines[-1]
+    daemon.stop()
     client.close()

@@ -192,3 +192,58 @@ def test_an_outbox_that_cannot_be_created_exits_73(broker: Broker, gemma270m: Pa
     assert daemon.wait() == 73
     assert "cannot open the outbox" in daemon.log and "Traceback" not in daemon.log
     client.close()
+
+
+def test_a_broker_that_is_not_there_yet_is_reported_once_and_joined_when_it_comes(tmp_path: Path,
+                                                                                  gemma270m: Path) -> None:
+    later = Broker(tmp_path)  # its port is free: nothing listens there yet
+    daemon = DaemonProcess(later.port, gemma270m, "mqtt.reconnect_min=0.2", "mqtt.reconnect_max=1",
+                           "log.level=debug")
+    daemon.start(None, wait_online=False)
+    line = daemon.wait_log(f"cannot reach 127.0.0.1:{later.port}")
+    assert "(Connection refused); retrying in 1 s" in line
+    daemon.wait_log("ready: ")
+    end = time.monotonic() + 30
+    while sum("still cannot reach" in x for x in daemon.lines()) < 3:  # three more failed attempts (debug)
+        assert time.monotonic() < end, daemon.lines()[-5:]
+        time.sleep(0.05)
+    assert sum("WARNING agent.mqtt: cannot reach" in x for x in daemon.lines()) == 1
+    assert not [x for x in daemon.lines() if " ERROR " in x]
+    later.start()
+    client = Client(later.port)
+    client.subscribe(f"{daemon.base}/availability")
+    client.wait_for(f"{daemon.base}/availability", lambda m: m.payload == b"online", timeout=30)
+    daemon.stop()
+    assert "disconnected from the broker" in daemon.log
+    client.close()
+    later.stop()
+
+
+def test_no_stale_health_is_replayed_after_an_outage(own_broker: Broker, gemma270m: Path) -> None:
+    """Retained state is published only while connected: after an outage the retained health is the fresh one,
+    and the live ones come in order (a health queued during the outage used to arrive after the fresh one and
+    stay retained)."""
+    daemon = DaemonProcess(own_broker.port, gemma270m, "health.interval=1", "mqtt.reconnect_max=1")
+    client = Client(own_broker.port)
+    client.subscribe(f"{daemon.base}/availability", f"{daemon.base}/health")
+    daemon.start(client)
+    client.wait_for(f"{daemon.base}/health")
+    client.close()
+    stopped = time.time()
+    own_broker.stop(signal.SIGTERM)
+    daemon.wait_log("lost the broker")
+    time.sleep(3.5)  # three health intervals while the broker is away
+    restarted = time.time()
+    own_broker.start()
+    watcher = Client(own_broker.port)
+    watcher.subscribe(f"{daemon.base}/health")
+    healths = watcher.wait_for(f"{daemon.base}/health", lambda m: not m.retain, count=3, timeout=30)
+    stamps = [payload_json(m)["ts"] for m in watcher.on(f"{daemon.base}/health")]
+    assert not [ts for ts in stamps if stopped < ts < restarted], stamps  # nothing made during the outage
+    assert stamps == sorted(stamps) and len(healths) >= 3
+    late = Client(own_broker.port)
+    late.subscribe(f"{daemon.base}/health")
+    assert payload_json(late.wait_for(f"{daemon.base}/health")[0])["ts"] > restarted  # the retained one is fresh
+    late.close()
+    daemon.stop()
+    watcher.close()

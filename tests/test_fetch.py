@@ -31,6 +31,8 @@ from agent.catalog.download import FetchOptions, pull
 from agent.cli import parser as cli_parser
 from agent.cli.models import main as models_main
 
+pytestmark = pytest.mark.fast
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = random.Random(1234).randbytes(300_000)
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -633,3 +635,24 @@ def test_malformed_catalogs(tmp_path: Path, text: str, message: str) -> None:
 def test_missing_catalog_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli("list", "--catalog", str(tmp_path / "absent.yaml")) == 78
     assert "cannot read the catalog" in capsys.readouterr().err
+
+
+def test_no_dns_fails_at_once_and_leaves_nothing_behind(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An unresolvable host is not a transient failure: no retries, no empty FILE.part, a clear exit 69."""
+    catalog = write_catalog(tmp_path, {"m": {"description": "d", "kind": "whisper", "files": [file_entry(
+        urls={"huggingface": "https://no-such-host.invalid/f.bin", "modelscope": "https://also-not.invalid/f"})]}})
+    with caplog.at_level(logging.INFO, logger="agent.catalog"):
+        code = cli("pull", "m", "--dir", str(tmp_path / "d"), "--catalog", str(catalog), "--retries", "5")
+    assert code == 69
+    assert "retry" not in caplog.text
+    assert "cannot resolve no-such-host.invalid" in caplog.text and "no network or no DNS?" in caplog.text
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_list_shows_a_partial_download_even_when_empty(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    catalog = write_catalog(tmp_path, {"m": {"description": "d", "kind": "whisper", "files": [file_entry(
+        urls={"huggingface": "https://huggingface.co/f.bin"})]}})
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "model.bin.part").write_bytes(b"")
+    assert cli("list", "--dir", str(tmp_path / "d"), "--catalog", str(catalog)) == 0
+    assert "partial (0 bytes)" in capsys.readouterr().out

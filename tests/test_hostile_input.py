@@ -180,7 +180,7 @@ def test_cli_exits_78_with_one_line_on_generated_bad_files(fuzzdir: Path, doc: b
 
 TEN_MB = 10 << 20
 ERROR_CODES = {"too_large", "invalid_utf8", "invalid_json", "missing_field", "invalid_field", "empty_text",
-               "forbidden_field", "no_camera"}
+               "forbidden_field", "no_camera", "no_microphone"}
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,8 @@ def hostile_cases(rng: random.Random) -> list[Case]:
     cases = [Case(topic, payload, "reset" if topic == "reset" else "error")
              for payload in garbage for topic in ("ask", "describe", "listen", "reset")]
     for payload in (b"", b"{}", b"5", b'{"seconds": 2, "unknown": {"a": [1]}}'):  # fine for listen and reset
-        cases += [Case("listen", payload, "listening"), Case("reset", payload, "reset"), Case.of("describe", payload)]
+        # listen is well-formed, but this daemon has no microphone: `no_microphone`, not `listening`
+        cases += [Case("listen", payload, "error"), Case("reset", payload, "reset"), Case.of("describe", payload)]
     wrong_ask: list[dict[str, Any]] = [
         {"id": [], "text": "hi"}, {"id": {}, "text": "hi"}, {"id": True, "text": "hi"}, {"id": 1.5, "text": "hi"},
         {"id": "", "text": "hi"}, {"id": "x" * 65, "text": "hi"}, {"id": "has space", "text": "hi"},
@@ -282,7 +283,7 @@ def test_hostile_payloads_get_error_replies_and_the_daemon_stays_well(
     assert len(client.wait_for(f"{base}/event", event("reset"))) == expected[("reset", "reset")]
     assert {e["error"] for e in errors} <= ERROR_CODES and all(e["detail"] for e in errors)
     assert {"too_large", "invalid_utf8", "invalid_json", "invalid_field", "missing_field", "empty_text",
-            "forbidden_field", "no_camera"} <= {e["error"] for e in errors}
+            "forbidden_field", "no_camera", "no_microphone"} <= {e["error"] for e in errors}
     # memory stays bounded: 240 MiB of oversized payloads went through; the margin (for the allocator keeping
     # freed buffers) is well under half of that
     after = rss_after(client, base, time.time())

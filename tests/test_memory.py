@@ -167,6 +167,33 @@ def test_e4b_is_refused_at_2_gib_with_the_reason(e4b: Path) -> None:
         plan.load_options()
     with pytest.raises(ModelLoadError, match="REFUSED"):
         LocalModel(ModelConfig(path=str(e4b)), plan=plan)  # the engine refuses before llama.cpp reads a byte
+    # what to do about it: a smaller model, or the limit it needs
+    assert "a smaller model or quantization" in refusal
+    assert f"a memory limit of at least {round((best + TWO_GIB.margin) / MiB)} MiB" in refusal
+
+
+@pytest.mark.fast
+def test_a_near_miss_says_which_change_would_fit(e2b: Path) -> None:
+    """A budget just below what a 2048 context needs in every setting, but above what 1024 needs: the refusal
+    names model.n_ctx: 1024 (with f16 forced, it first names the q8_0 cache)."""
+    info = inspect(e2b)
+    full = planner.plan(info, ModelConfig(path=str(e2b)), MemoryConfig(), cpu=X86, baseline=BASELINE, limit=TWO_GIB)
+    half = planner.plan(info, ModelConfig(path=str(e2b), n_ctx=1024), MemoryConfig(), cpu=X86, baseline=BASELINE,
+                        limit=TWO_GIB)
+    need_full, need_half = (min(e.need for e in p.table) for p in (full, half))
+    assert need_half < need_full
+    tight = planner.Budget(need_full - 1 + 256 * MiB, "test", 256 * MiB)
+    refused = planner.plan(info, ModelConfig(path=str(e2b)), MemoryConfig(), cpu=X86, baseline=BASELINE, limit=tight)
+    assert refused.chosen is None
+    assert "would fit: model.n_ctx: 1024" in refused.refusal()
+    assert "smaller model" not in refused.refusal()  # the weights themselves fit
+    only_f16 = MemoryConfig(kv_type="f16")
+    need_f16 = min(e.need for e in planner.plan(info, ModelConfig(path=str(e2b)), only_f16, cpu=X86,
+                                                baseline=BASELINE, limit=TWO_GIB).table)
+    assert need_f16 > need_full  # q8_0 settings are smaller
+    f16 = planner.plan(info, ModelConfig(path=str(e2b)), only_f16, cpu=X86, baseline=BASELINE,
+                       limit=planner.Budget(need_f16 - 1 + 256 * MiB, "test", 256 * MiB))
+    assert f16.chosen is None and "would fit: memory.kv_type: auto" in f16.refusal()
 
 
 @pytest.mark.fast

@@ -55,3 +55,19 @@ def test_failing_microphone_is_reported_and_text_asks_still_work(broker: Broker,
     client.wait_for(f"{daemon.base}/response", lambda m: payload_json(m)["id"] == "still-here")
     daemon.stop()
     client.close()
+
+
+def test_speech_without_speech_to_text_is_a_degraded_health(broker: Broker, gemma270m: Path, tmp_path: Path) -> None:
+    """A microphone whose utterances nothing can understand (no projector audio, no whisper model): every
+    utterance is dropped, so health says degraded and why, rather than ok."""
+    wav, _ = spoken_wav(tmp_path / "speech.wav")
+    daemon = DaemonProcess(broker.port, gemma270m, "microphone.enabled=true", f"microphone.source={wav}",
+                           f"whisper.model={tmp_path / 'absent.bin'}", "health.interval=1")
+    client = Client(broker.port)
+    client.subscribe(f"{daemon.base}/#")
+    daemon.start(client)
+    health = payload_json(client.wait_for(f"{daemon.base}/health")[-1])
+    assert health["state"] == "degraded" and health["speech"].startswith("unavailable")
+    assert any("every utterance is dropped" in p and "absent.bin" in p for p in health["problems"])
+    daemon.stop()
+    client.close()

@@ -7,14 +7,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from agent.contract.exitcodes import ExitCode
+from tests.support.mqtt import Broker, Client, payload_json
+from tests.support.notify import Listener
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "gemma-agent.service"
@@ -86,6 +93,57 @@ def test_security_exposure_is_low(tmp_path: Path) -> None:
     assert float(match.group(1)) <= EXPOSURE_LIMIT
 
 
+def test_the_units_exec_start_brings_the_daemon_up(tmp_path: Path, broker: Broker, gemma270m: Path) -> None:
+    """The unit's own ExecStart=, Environment= and WorkingDirectory=, with /etc, /opt and the state directory mapped
+    into a temporary root: READY=1 comes, the device goes online with the installed config's relative model path,
+    an ask is answered, the outbox is in the state directory, and SIGTERM ends it with STOPPING=1 and exit 0."""
+    s = unit_settings(UNIT.read_text())
+    etc, state = tmp_path / "etc" / "gemma-agent", tmp_path / "var" / "lib" / "gemma-agent"
+    etc.mkdir(parents=True)
+    (state / "models").mkdir(parents=True)
+    device = f"unit{uuid.uuid4().hex[:6]}"
+    config = yaml.safe_load((ROOT / "config" / "agent.yaml").read_text())  # what install.sh puts in /etc
+    config["device"]["id"] = device
+    config["mqtt"].update(host="127.0.0.1", port=broker.port)
+    config["model"].update(max_tokens=8, temperature=0.0)
+    (etc / "agent.yaml").write_text(yaml.safe_dump(config))
+    (state / "models" / Path(config["model"]["path"]).name).symlink_to(gemma270m)  # the default, relative path
+    binary = Path(sys.executable).with_name("gemma-agent")
+    (command,) = s["Service.ExecStart"]
+    argv = [str(binary) if arg == SHIPPED_BINARY else arg.replace("/etc/gemma-agent/", f"{etc}/")
+            for arg in shlex.split(command)]
+    assert argv[0] == str(binary) and str(etc / "agent.yaml") in argv
+    (cwd,) = s["Service.WorkingDirectory"]
+    assert cwd == "/var/lib/gemma-agent" and s["Service.StateDirectory"] == ["gemma-agent"]
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "STATE_DIRECTORY": str(state),
+           **dict(item.split("=", 1) for item in s["Service.Environment"])}
+    client = Client(broker.port)
+    client.subscribe(f"gemma_agent/{device}/#")
+    with tempfile.TemporaryDirectory(prefix="sdn") as short:
+        notify = Listener(os.path.join(short, "notify"))
+        env["NOTIFY_SOCKET"] = notify.sock.getsockname()
+        log = (tmp_path / "daemon.log").open("w")
+        proc = subprocess.Popen(argv, cwd=state, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            notify.wait_for(b"READY=1\nSTATUS=ready: models/gemma-3-270m-q4_k_m.gguf on mqtt://127.0.0.1:"
+                            + str(broker.port).encode() + f" as gemma_agent/{device}".encode(), timeout=120)
+            client.wait_for(f"gemma_agent/{device}/availability", lambda m: m.payload == b"online")
+            client.publish(f"gemma_agent/{device}/ask", {"id": "unit-1", "text": "Hello"})
+            reply = client.wait_for(f"gemma_agent/{device}/response", lambda m: payload_json(m)["id"] == "unit-1")
+            assert payload_json(reply[0])["done"] is True
+            assert (state / f"outbox-{device}.sqlite3").is_file()  # the default outbox is in the state directory
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == ExitCode.OK, (tmp_path / "daemon.log").read_text()
+            notify.wait_for(b"STOPPING=1")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            notify.close()
+            client.close()
+            log.close()
+
+
 def test_unit_agrees_with_the_daemon() -> None:
     s = unit_settings(UNIT.read_text())
     assert s["Service.Type"] == ["notify"] and s["Service.NotifyAccess"] == ["main"]
@@ -93,8 +151,6 @@ def test_unit_agrees_with_the_daemon() -> None:
     prevent = {int(code) for code in s["Service.RestartPreventExitStatus"][0].split()}
     assert prevent == {ExitCode.EX_DATAERR, ExitCode.EX_NOINPUT, ExitCode.EX_CONFIG}
     assert ExitCode.EX_SOFTWARE not in prevent and ExitCode.FAILURE not in prevent
-    # ExecStart reads the installed config and runs from the state directory, where models/ lives
-    assert s["Service.ExecStart"] == [f"{SHIPPED_BINARY} run --config /etc/gemma-agent/agent.yaml"]
     assert s["Service.WorkingDirectory"] == ["/var/lib/gemma-agent"] and s["Service.StateDirectory"] == ["gemma-agent"]
     # the memory cap (bench/RESULTS.md): a hard 2 GiB the planner budgets for, no throttling below it, no swap
     assert s["Service.MemoryMax"] == ["2G"] and s["Service.MemoryHigh"] == ["infinity"]

@@ -27,9 +27,11 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -312,7 +314,12 @@ class _Download:
             if status in (408, 425, 429) or status >= 500:
                 raise _Transient(f"HTTP {status} {reason}") from None
             raise _MirrorFailed(f"HTTP {status} {reason}") from None
-        except (OSError, http.client.HTTPException) as exc:  # URLError, refused, reset, timeout, bad status
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, socket.gaierror):  # no DNS (no network): retrying will not help
+                raise _MirrorFailed(f"cannot resolve {urllib.parse.urlsplit(url).hostname} ({exc.reason.strerror}):"
+                                    " no network or no DNS?") from None
+            raise _Transient(_why(exc)) from None
+        except (OSError, http.client.HTTPException) as exc:  # refused, reset, timeout, bad status
             raise _Transient(_why(exc)) from None
         with resp:
             total = self.check_response(resp, fh, offset)
@@ -571,12 +578,13 @@ def status(model: ModelSpec, models_dir: str | os.PathLike[str] = DEFAULT_DIR) -
         return "present"
     if model.unavailable:
         return "not published"
-    have = 0
+    have, parts = 0, 0
     for f in model.files:
         for path in (directory / f.name, directory / (f.name + ".part")):
             if path.is_file():
                 have += path.stat().st_size
+                parts += path.suffix == ".part"
     if not have:
-        return "missing"
+        return "partial (0 bytes)" if parts else "missing"
     total = model.size
     return f"partial {100 * have / total:.0f}%" if total else "partial"

@@ -24,16 +24,37 @@ SUBCOMMANDS = {"run": run, "ask": ask, "check": check, "demo": demo, "ha": ha}
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gemma-agent", description=__doc__.split("\n")[0] if __doc__ else "")
     p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    p.add_argument("--config", metavar="PATH", help="config file (default: $GEMMA_AGENT_CONFIG, "
-                   "/etc/gemma-agent/agent.yaml, ./config/agent.yaml, else built-in defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set model.n_ctx=4096 (repeatable)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log.level")
+    add_global_options(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in SUBCOMMANDS.values():
         module.add(sub)
     models.add(sub)
+    for name, subparser in sub.choices.items():  # `gemma-agent run --config X` works as well as `--config X run`
+        add_global_options(subparser, after=True, log_level_only=name == "models")
     return p
+
+
+def add_global_options(p: argparse.ArgumentParser, after: bool = False, log_level_only: bool = False) -> None:
+    """--config, --set and --log-level; `after`: on a subcommand, kept apart and merged by `parse` (given on
+    both sides, --set accumulates and the later --config / --log-level wins)."""
+    tail, default = ("_after", argparse.SUPPRESS) if after else ("", None)
+    if not log_level_only:
+        p.add_argument("--config", dest=f"config{tail}", default=default, metavar="PATH",
+                       help="config file (default: $GEMMA_AGENT_CONFIG, /etc/gemma-agent/agent.yaml, "
+                            "./config/agent.yaml, else built-in defaults)")
+        p.add_argument("--set", dest=f"overrides{tail}", action="append", default=default if after else [],
+                       metavar="KEY=VALUE", help="override a config key, e.g. --set model.n_ctx=4096 (repeatable)")
+    p.add_argument("--log-level", dest=f"log_level{tail}", default=default,
+                   choices=["debug", "info", "warning", "error"], help="override log.level")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line, global options merged from both sides of the subcommand."""
+    args = parser().parse_args(argv)
+    args.config = getattr(args, "config_after", None) or args.config
+    args.overrides = [*args.overrides, *getattr(args, "overrides_after", [])]
+    args.log_level = getattr(args, "log_level_after", None) or args.log_level
+    return args
 
 
 def load_config(args: argparse.Namespace) -> Config:
@@ -45,7 +66,7 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     if args.command == "models":  # needs no agent config: works before one exists
         logs.setup(args.log_level or "info")
         return int(models.main(args))

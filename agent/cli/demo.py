@@ -101,8 +101,16 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     return run_demo(cfg, args.question)
 
 
+TEST_SIZE_NOTE = ("Note: this is Gemma 3 270M, a test-size base model shipped on PyPI: the answer shows the whole "
+                  "path works (broker, daemon, model, MQTT), not what the agent can do. For the real model: "
+                  "`gemma-agent models pull gemma-3n-e2b-it-q4_k_m`, then set model.path (README, \"Running it for "
+                  "real\").")
+
+
 def run_demo(cfg: Config, question: str, timeout: float = 180.0) -> int:
     ensure_demo_model(cfg.model.path)
+    if Path(cfg.model.path).name == DEMO_MODEL:
+        print(TEST_SIZE_NOTE, flush=True)
     try:
         broker = local_broker(os.environ.get("GEMMA_AGENT_DEMO_BROKER", ""))
         port, kind = broker.__enter__()

@@ -1,4 +1,5 @@
-"""`gemma-agent ha remove`: delete this device's Home Assistant discovery (retained) from the broker."""
+"""`gemma-agent ha remove`: delete this device's retained messages from the broker: the Home Assistant discovery
+(which removes the device from Home Assistant), availability, health and the snapshot."""
 
 from __future__ import annotations
 
@@ -13,17 +14,21 @@ log = logging.getLogger("agent")
 
 
 def add(sub: Any) -> None:
-    p = sub.add_parser("ha", help="Home Assistant: remove this device's discovery (retained) from the broker")
+    p = sub.add_parser("ha", help="Home Assistant: remove this device (its retained discovery, availability, "
+                       "health, snapshot) from the broker")
     p.add_argument("action", choices=["remove"])
 
 
 def main(cfg: Config, _args: argparse.Namespace) -> int:
+    from agent.contract.topics import TOPICS, Topics
     from agent.mqtt.client import remove_retained
     from agent.mqtt.discovery import discovery_topic
 
-    problem = remove_retained(cfg.mqtt, f"gemma-agent-{cfg.device_id}", discovery_topic(cfg))
+    topics = Topics(cfg.mqtt.prefix, cfg.device_id)
+    retained = (discovery_topic(cfg), *(topics.full(name) for name, spec in TOPICS.items() if spec.retain))
+    problem = remove_retained(cfg.mqtt, f"gemma-agent-{cfg.device_id}", retained)
     if problem:
         log.error("%s", problem)
         return ExitCode.FAILURE
-    print(f"removed Home Assistant discovery: {discovery_topic(cfg)}")
+    print("removed retained: " + ", ".join(retained))
     return ExitCode.OK

@@ -37,6 +37,8 @@ def add(subparsers: Any) -> argparse.ArgumentParser:
                         help=f"models directory (default: ./{DEFAULT_DIR})")
     common.add_argument("--catalog", type=Path, default=argparse.SUPPRESS, metavar="PATH",
                         help="catalog file (default: the catalog.yaml shipped with gemma-agent)")
+    common.add_argument("--log-level", dest="log_level_after", default=argparse.SUPPRESS,
+                        choices=["debug", "info", "warning", "error"], help="override log.level")
     codes = (download.__doc__ or "").split("Exit codes", 1)[1]
     p = subparsers.add_parser("models", help="list, download, verify or remove model files",
                               description="Model files: list the catalog, download (resumable, "

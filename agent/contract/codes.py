@@ -29,6 +29,7 @@ class ErrorCode(_Text):
     NO_FRAME = "no_frame"
     STALE_FRAME = "stale_frame"
     IMAGE_DISABLED = "image_disabled"
+    NO_MICROPHONE = "no_microphone"  # `listen` while microphone.enabled is false
     NO_PROJECTOR = "no_projector"
     PROJECTOR_ERROR = "projector_error"
     SPEECH_BACKLOG = "speech_backlog"

@@ -37,6 +37,7 @@ MEANINGS: dict[ExitCode, str] = {
     ExitCode.EX_SOFTWARE: "internal error (a bug; the traceback is in the log)",
     ExitCode.EX_CANTCREAT: "`run`: the outbox cannot be created (`outbox.path`, the state directory); `models`: "
                            "not enough disk space, or the models directory is not writable",
-    ExitCode.EX_CONFIG: "invalid configuration",
+    ExitCode.EX_CONFIG: "invalid configuration (the message names the key and the line), or a port the "
+                        "configuration names is in use (`health.prometheus_port`)",
     ExitCode.INTERRUPTED: "`models pull` interrupted (Ctrl-C): the partial download resumes on the next pull",
 }

@@ -56,9 +56,11 @@ class Engine:
     """A worker thread serving requests one at a time from a bounded queue."""
 
     def __init__(self, model: Backend, queue_size: int, conversation: Conversation | None = None,
-                 projector_idle: float | None = None) -> None:
-        """`projector_idle`: release the projector after this many seconds without a media turn (None: keep)."""
+                 projector_idle: float | None = None, on_activity: Callable[[], None] | None = None) -> None:
+        """`projector_idle`: release the projector after this many seconds without a media turn (None: keep);
+        `on_activity`: called on the worker thread when a turn starts and when it ends."""
         self.model = model
+        self._on_activity = on_activity or (lambda: None)
         self.conversation = conversation
         self.projector_idle = projector_idle
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
@@ -108,6 +110,7 @@ class Engine:
             request, sink = item
             self.current = request
             self.progress_at = time.monotonic()
+            self._activity()
             try:
                 if self._cancel.is_set():
                     sink.on_error(request, _shutting_down(request))
@@ -127,6 +130,13 @@ class Engine:
             finally:
                 self.current = None
                 self.progress_at = time.monotonic()
+                self._activity()
+
+    def _activity(self) -> None:
+        try:
+            self._on_activity()
+        except Exception:  # reporting must never stop the worker
+            log.exception("activity callback failed")
 
     def _release_idle_projector(self) -> None:
         idle = self.projector_idle

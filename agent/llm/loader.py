@@ -33,6 +33,8 @@ def load_model(cfg: Config) -> LocalModel:
         chosen = plan(info, cfg.model, cfg.memory, projector=projector)
     except MemoryPlanError as exc:
         raise ModelLoadError(str(exc)) from None
+    if chosen.chosen is None:
+        raise ModelLoadError(chosen.refusal())  # the table and what would fit, once
     for line in chosen.lines(rows=4):
         log.info("%s", line)
     return LocalModel(cfg.model, plan=chosen)

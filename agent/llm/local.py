@@ -21,7 +21,7 @@ from agent.llm import llama_shim
 from agent.llm.engine import must_stop
 from agent.llm.native_logs import route_llama_logs
 from agent.llm.projector import Projector, ProjectorError, Prompt
-from agent.llm.prompt import END, ChatTemplate, TemplateProblem, gemma_prompt
+from agent.llm.prompt import END, ChatTemplate, TemplateProblem, completion_prompt, gemma_prompt, prompt_format
 from agent.memory import apply
 from agent.memory.plan import Plan
 from agent.turns.types import Request, Result, Turn
@@ -33,6 +33,15 @@ RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a new seed each turn
 
 class ModelLoadError(Exception):
     """The model file could not be loaded."""
+
+
+def one_line(pieces: list[str], text: str) -> tuple[str, bool]:
+    """`text` cut to what continues the answer line so far (no blanks before the answer starts, nothing past a
+    newline), and whether the line ended in it."""
+    if not any(p.strip() for p in pieces):
+        text = text.lstrip()  # a newline left after this ends a line that has started
+    cut = text.find("\n")
+    return (text, False) if cut < 0 else (text[:cut], True)
 
 
 class LocalModel:
@@ -80,7 +89,8 @@ class LocalModel:
         self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
         self._no_abort_cb = llama_cpp.ggml_abort_callback()
         self._set_abort = llama_cpp.llama_set_abort_callback
-        self.template = self._load_template()
+        self.prompt_format, why = prompt_format(cfg.prompt_format, self.llm.metadata)
+        self.template = self._load_template() if self.prompt_format == "chat" else None
         if cfg.lora:
             self._apply_lora(cfg.lora, cfg.lora_scale)
         self.threads = threads
@@ -88,8 +98,8 @@ class LocalModel:
         self.projector_used = 0.0
         # False when the memory plan loads the projector for each image and frees it before decoding
         self.projector_resident = plan is None or plan.chosen is None or plan.chosen.setting.projector_resident
-        log.info("model loaded: %s in %.2fs (n_ctx %d, threads %d, chat format %s)", self.path,
-                 self.load_seconds, cfg.n_ctx, threads, "GGUF template" if self.template else "built-in Gemma")
+        log.info("model loaded: %s in %.2fs (n_ctx %d, threads %d); prompted as %s: %s", self.path,
+                 self.load_seconds, cfg.n_ctx, threads, self.prompt_format, why)
 
     def projector(self) -> Projector:
         """The model.mmproj projector, loaded on first use."""
@@ -165,13 +175,16 @@ class LocalModel:
 
     def render(self, turns: list[Turn], system: str | None = None) -> str:
         system = self.cfg.system_prompt if system is None else system
+        bos = self._token_text(self.llm.token_bos())
+        if self.prompt_format == "completion":
+            return completion_prompt(system, turns, bos)
         if self.template is not None:
             try:
                 return self.template.render(system, turns)
             except TemplateProblem as exc:
                 log.warning("%s; using the built-in Gemma turn format", exc)
                 self.template = None
-        return gemma_prompt(system, turns, self._token_text(self.llm.token_bos()))
+        return gemma_prompt(system, turns, bos)
 
     def tokenize(self, prompt: str) -> list[int]:
         return list(self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
@@ -251,10 +264,16 @@ class LocalModel:
                     break
                 n_out += 1
                 text = decoder.decode(self.llm.detokenize([token]))
+                line_ended = False
+                if self.prompt_format == "completion":  # the answer is the rest of the "A:" line
+                    text, line_ended = one_line(pieces, text)
                 if text:
                     pieces.append(text)
                     if on_delta is not None:
                         on_delta(text, len(pieces) - 1)
+                if line_ended:
+                    stop = StopReason.END
+                    break
                 if halted := must_stop(cancel, deadline):
                     stop = halted
                     break

@@ -15,7 +15,7 @@ cgroup's limit or MemTotal, whichever is lowest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.config import MemoryConfig, ModelConfig
@@ -196,7 +196,42 @@ def plan(info: GgufInfo, model: ModelConfig, cfg: MemoryConfig, projector: GgufI
     if chosen is not None and chosen is not table[0] and cfg.mode == "auto":
         notes.append(f"  faster settings need more than {_mib(limit.usable)} MiB (first: "
                      f"{table[0].setting.label()}, {_mib(table[0].need)} MiB)")
+    if chosen is None:
+        notes.extend(what_would_fit(info, model, cfg, projector, cpu, base, limit, table))
     return result
+
+
+def what_would_fit(info: GgufInfo, model: ModelConfig, cfg: MemoryConfig, projector: GgufInfo | None, cpu: Cpu,
+                   baseline: int, limit: Budget, table: list[Estimate]) -> list[str]:
+    """For a refusal: the nearest changes that would fit (a smaller context, a q8_0 KV cache, the projector loaded
+    per image), and the limit the model needs as configured, or that a smaller quantization is needed."""
+    out = []
+    variants: list[tuple[str, ModelConfig, MemoryConfig]] = []
+    if cfg.kv_type == "f16" or cfg.flash_attn is False:
+        variants.append(("memory.kv_type: auto (a q8_0 KV cache, half the size)", model,
+                         replace(cfg, kv_type="auto", flash_attn="auto")))
+    if projector is not None and cfg.projector != "on_demand":
+        variants.append(("memory.projector: on_demand", model, replace(cfg, projector="on_demand")))
+    n_ctx = model.n_ctx // 2
+    while n_ctx >= 512 and n_ctx > model.max_tokens:
+        variants.append((f"model.n_ctx: {n_ctx}", replace(model, n_ctx=n_ctx, n_ubatch=min(model.n_ubatch, n_ctx),
+                                                           n_batch=min(model.n_batch, n_ctx)), cfg))
+        n_ctx //= 2
+    for label, m, c in variants:
+        setting = next((e for e in (estimate(info, s, cpu, baseline, projector)
+                                    for s in candidates(m, replace(c, mode="auto"), cpu, info, projector is not None))
+                        if e.need <= limit.usable), None)
+        if setting is not None:
+            out.append(f"  would fit: {label} ({setting.setting.label()}, {_mib(setting.need)} MiB)")
+            break
+    least = min(table, key=lambda e: e.need)
+    weights = least.repacked + least.hot_file
+    if weights > limit.usable:
+        out.append(f"  the weights read for every token are {_mib(weights)} MiB: a smaller model or quantization "
+                   f"(e.g. Q4_0 / Q4_K_M, or E2B instead of E4B) is needed under {_mib(limit.limit)} MiB")
+    out.append(f"  as configured it needs a memory limit of at least {_mib(least.need + limit.margin)} MiB "
+               f"(memory.limit_mib, or the unit's MemoryMax=; {_mib(limit.margin)} MiB margin included)")
+    return out
 
 
 def plan_for(model: ModelConfig, cfg: MemoryConfig, baseline: int | None = None) -> Plan:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -46,9 +47,9 @@ def make_client(cfg: MqttConfig, client_id: str, persistent: bool = False) -> mq
     return client
 
 
-def _one_shot(cfg: MqttConfig, client_id: str, topic: str | None, timeout: float) -> str | None:
-    """Connect once, optionally publish an empty retained message to `topic` (which deletes the retained one),
-    and disconnect; None on success, else why not."""
+def _one_shot(cfg: MqttConfig, client_id: str, topics: tuple[str, ...], timeout: float) -> str | None:
+    """Connect once, publish an empty retained message to each of `topics` (which deletes the retained one), and
+    disconnect; None on success, else why not."""
     client = make_client(cfg, client_id)
     outcome: list[str] = []
     done = threading.Event()
@@ -68,7 +69,7 @@ def _one_shot(cfg: MqttConfig, client_id: str, topic: str | None, timeout: float
             return f"no answer from {cfg.host}:{cfg.port} within {timeout:.0f}s"
         if outcome[0]:
             return f"the broker refused us: {outcome[0]}"
-        if topic is not None:
+        for topic in topics:
             client.publish(topic, b"", qos=1, retain=True).wait_for_publish(timeout)
         return None
     finally:
@@ -78,12 +79,12 @@ def _one_shot(cfg: MqttConfig, client_id: str, topic: str | None, timeout: float
 
 def probe_broker(cfg: MqttConfig, client_id: str, timeout: float = 5.0) -> str | None:
     """Connect once and disconnect; None when the broker accepted us, else why not."""
-    return _one_shot(cfg, f"{client_id}-check", None, timeout)
+    return _one_shot(cfg, f"{client_id}-check", (), timeout)
 
 
-def remove_retained(cfg: MqttConfig, client_id: str, topic: str, timeout: float = 5.0) -> str | None:
-    """Delete a retained message (an empty retained payload replaces it)."""
-    return _one_shot(cfg, f"{client_id}-admin", topic, timeout)
+def remove_retained(cfg: MqttConfig, client_id: str, topics: tuple[str, ...], timeout: float = 5.0) -> str | None:
+    """Delete retained messages (an empty retained payload replaces each)."""
+    return _one_shot(cfg, f"{client_id}-admin", topics, timeout)
 
 
 class MqttClient:
@@ -111,12 +112,14 @@ class MqttClient:
         self._early_acks: set[int] = set()  # PUBACKs that beat us to recording their mid
         self.on_connected: list[Callable[[], None]] = []
         client = make_client(cfg, self.client_id, persistent=True)
-        client.enable_logger(logging.getLogger("agent.mqtt.paho"))
+        client.enable_logger(PAHO_LOG)
         client.reconnect_delay_set(min_delay=max(1, round(cfg.reconnect_min)),
                                    max_delay=max(1, round(cfg.reconnect_max)))
         client.will_set(self.topics.availability, OFFLINE, qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
+        self._unreachable_reported = False
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         self.client = client
@@ -147,7 +150,11 @@ class MqttClient:
         self.client.disconnect()
         self.client.loop_stop()
         left = len(self.outbox) if self.outbox is not None else 0
-        log.info("disconnected from the broker%s", f"; {left} message(s) wait in the outbox" if left else "")
+        waiting = f"; {left} message(s) wait in the outbox" if left else ""
+        if self.connects:
+            log.info("disconnected from the broker%s", waiting)
+        else:
+            log.info("stopped without ever reaching the broker (%s)%s", self.last_error or "not tried", waiting)
 
     # --- outbound ----------------------------------------------------------------------------------
 
@@ -212,6 +219,7 @@ class MqttClient:
             log.warning("broker refused the connection: %s", reason)
             return
         self.connects += 1
+        self._unreachable_reported = False
         client.subscribe([(topic, 1) for topic in self._subscriptions])
         client.publish(self.topics.availability, ONLINE, qos=1, retain=True)
         log.info("connected to the broker (connection %d); serving %s/#", self.connects, self.topics.base)
@@ -220,6 +228,17 @@ class MqttClient:
             self._flush_outbox()
         for callback in self.on_connected:
             callback()
+
+    def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+        """paho could not open the connection (it retries with backoff): say so once per outage, with why."""
+        host, port = self.cfg.host, self.cfg.port
+        if self._unreachable_reported:
+            log.debug("still cannot reach %s:%d", host, port)
+            return
+        self._unreachable_reported = True
+        self.last_error = why_unreachable(host, port)
+        log.warning("cannot reach %s:%d (%s); retrying in %.0f s, backing off up to %.0f s", host, port,
+                    self.last_error, max(1, round(self.cfg.reconnect_min)), max(1, round(self.cfg.reconnect_max)))
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         was_connected = self.connected.is_set()
@@ -242,6 +261,29 @@ class MqttClient:
             self._handler(msg.topic, bytes(msg.payload))
         except Exception:  # a bad message must never kill paho's network thread
             log.exception("handling a message on %s failed", msg.topic)
+
+
+def why_unreachable(host: str, port: int, timeout: float = 3.0) -> str:
+    """The reason a TCP connection to host:port fails now, in words (paho swallows its own exception)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return "the connection closed during the MQTT handshake"
+    except socket.gaierror as exc:
+        return f"cannot resolve the host name: {exc.strerror}"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
+class _QuietWhileDisconnected(logging.Filter):
+    """paho logs an ERROR on every pass of its loop while it has no socket (between reconnect attempts, and once
+    while stopping); the connection's state changes are logged by MqttClient instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Client is not connected")
+
+
+PAHO_LOG = logging.getLogger("agent.mqtt.paho")
+PAHO_LOG.addFilter(_QuietWhileDisconnected())
 
 
 def _unhandled(topic: str, _payload: bytes) -> None:

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import package_version
+from agent.config import MemoryConfig
 from agent.llm.engine import Engine
+from agent.memory.plan import budget
 from agent.memory.probe import cgroup_memory, process_memory
 from agent.mqtt.client import MqttClient
 from agent.mqtt.outbox import Outbox
@@ -30,6 +32,7 @@ class HealthReport:
     watchdog: Watchdog
     projector: Callable[[], str]  # "none" | "loaded" | "released"
     speech: Callable[[], str]  # how speech is understood, or why it is not
+    memory: MemoryConfig
     started: float
 
     def snapshot(self) -> dict[str, Any]:
@@ -41,14 +44,16 @@ class HealthReport:
             "mqtt": "ok" if client.connected.is_set() else "disconnected",
             **{name: info["state"] for name, info in devices_health.items()},
         }
-        stuck = self.watchdog.stuck
+        problems = self.problems(stages)
         return {
-            "state": "ok" if not stuck and engine.alive else "degraded",
-            "stuck": list(stuck),
+            "state": "degraded" if problems else "ok",
+            "problems": problems,
+            "stuck": list(self.watchdog.stuck),
             "uptime": round(time.monotonic() - self.started, 1),
             "version": package_version(),
             "stages": stages,
-            "memory": {**process_memory(), **{f"cgroup_{k}": v for k, v in cgroup_memory().items()}},
+            "memory": {**process_memory(), **{f"cgroup_{k}": v for k, v in cgroup_memory().items()},
+                       "limit": budget(self.memory).limit},  # what the memory plan budgets for
             "last_turn": None if last is None else {
                 "prefill_tps": round(last.prefill_tps, 1), "decode_tps": round(last.decode_tps, 1),
                 "ttft_ms": round(last.ttft_ms, 1), "tokens": last.prompt_tokens + last.completion_tokens},
@@ -66,3 +71,12 @@ class HealthReport:
             **self.router.stats(),
             "ts": round(time.time(), 3),
         }
+
+    def problems(self, stages: dict[str, str]) -> list[str]:
+        """Why the agent is not doing all it was configured to do, one line each (empty: state ok)."""
+        out = [f"{name} is {state}" for name, state in stages.items() if state in ("dead", "error", "lost")]
+        out += [f"{name} is stuck" for name in self.watchdog.stuck]
+        speech = self.speech()
+        if speech.startswith("unavailable"):
+            out.append(f"speech is not understood ({speech}): every utterance is dropped")
+        return out

@@ -94,6 +94,9 @@ class Router:
 
     def listen(self, payload: bytes) -> None:
         seconds = parse_listen(payload, self.cfg.mqtt.max_payload, self.cfg.listen.window)
+        if not self.cfg.microphone.enabled:
+            raise AgentError(ErrorCode.NO_MICROPHONE, "there is no microphone to listen with (microphone.enabled is "
+                             "false)")
         self.policy.open_window(seconds, "mqtt")
         log.info("listening for %.0fs (listen command)", seconds)
         self.output.event(EventType.LISTENING, {"reason": "mqtt", "seconds": seconds})

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.config import WhisperConfig
+from agent.config import ConfigError, ListenConfig, WhisperConfig
 from agent.contract.codes import AgentError, ErrorCode, EventType, Source
 from agent.contract.outbound import Transcript
 from agent.perception.stage import TimedUtterance
 from agent.turns.policy import TurnPolicy
-from agent.turns.types import Media, Output, Request, new_id
+from agent.turns.types import Media, MediaSupport, Output, Request, new_id
 
 log = logging.getLogger("agent.turns.speech")
 WHISPER_MAGIC = b"lmgg"  # 0x67676d6c, little-endian: whisper.cpp's legacy ggml format
@@ -34,19 +34,37 @@ class SpeechToTextError(Exception):
     """The whisper model cannot be loaded or run."""
 
 
+def speech_route(cfg: ListenConfig, microphone: bool, support: MediaSupport) -> tuple[bool, bool]:
+    """(native audio, whisper needed): native audio when the projector takes audio (listen.speech auto/native),
+    else whisper.cpp; whisper also runs beside native audio when the wake phrase needs a transcript. ConfigError
+    for listen.speech native without an audio projector."""
+    if not microphone:
+        return False, False
+    native = support.audio and cfg.speech in ("auto", "native")
+    if cfg.speech == "native" and not support.audio:
+        raise ConfigError("listen.speech is native, but the projector (model.mmproj) takes no audio")
+    return native, not native or cfg.trigger == "wake_phrase"
+
+
+def check_whisper_file(model: str) -> Path:
+    """The whisper model's absolute path, after checking it is there and is a whisper.cpp file."""
+    path = Path(model).absolute()
+    if not path.is_file():  # pywhispercpp would try to download a name it does not find: never let it
+        raise SpeechToTextError(f"{path}: whisper model not found (whisper.model); "
+                                "`gemma-agent models pull whisper-base.en` fetches one")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != WHISPER_MAGIC:  # whisper.cpp does not fail cleanly on a bad file: check before it reads one
+        raise SpeechToTextError(f"{path}: not a whisper.cpp ggml model (magic {magic!r}, expected "
+                                f"{WHISPER_MAGIC!r})")
+    return path
+
+
 class SpeechToText:
     """whisper.cpp (pywhispercpp): 16 kHz mono int16 in, text out."""
 
     def __init__(self, cfg: WhisperConfig, threads: int) -> None:
-        path = Path(cfg.model)
-        if not path.is_file():  # pywhispercpp would try to download a name it does not find: never let it
-            raise SpeechToTextError(f"{cfg.model}: whisper model not found (whisper.model); "
-                                    "`gemma-agent models pull whisper-base.en` fetches one")
-        with path.open("rb") as f:
-            magic = f.read(4)
-        if magic != WHISPER_MAGIC:  # whisper.cpp does not fail cleanly on a bad file: check before it reads one
-            raise SpeechToTextError(f"{cfg.model}: not a whisper.cpp ggml model (magic {magic!r}, expected "
-                                    f"{WHISPER_MAGIC!r})")
+        path = check_whisper_file(cfg.model)
         from pywhispercpp.model import Model
 
         try:

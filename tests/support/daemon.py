@@ -7,6 +7,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import ClassVar
@@ -19,8 +20,8 @@ class DaemonProcess:
     running: ClassVar[list[DaemonProcess]] = []  # every started daemon, so a failed test cannot leak one (see conftest)
 
     def __init__(self, broker_port: int, model: Path, *overrides: str, config: Path | None = None,
-                 cwd: Path = ROOT) -> None:
-        self.device_id = f"t{uuid.uuid4().hex[:8]}"
+                 cwd: Path = ROOT, device_id: str | None = None) -> None:
+        self.device_id = device_id or f"t{uuid.uuid4().hex[:8]}"
         self.state_dir = Path(tempfile.mkdtemp(prefix="gemma-agent-state-"))
         self.base = f"gemma_agent/{self.device_id}"
         self.args = [
@@ -38,8 +39,9 @@ class DaemonProcess:
         self._lines: list[str] = []
         self._reader: threading.Thread | None = None
 
-    def start(self, client: Client, wait_online: bool = True) -> None:
-        """Start the daemon; `client` must already be subscribed to the daemon's topics."""
+    def start(self, client: Client | None, wait_online: bool = True) -> None:
+        """Start the daemon; `client` (needed to wait until it is online) must already be subscribed to the
+        daemon's topics."""
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(agent_cmd(*self.args, "run"), cwd=self.cwd, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -50,6 +52,7 @@ class DaemonProcess:
         self._reader.start()
         DaemonProcess.running.append(self)
         if wait_online:
+            assert client is not None
             client.wait_for(f"{self.base}/availability", lambda m: m.payload == b"online", timeout=60)
 
     def signal(self, sig: signal.Signals) -> None:
@@ -60,6 +63,20 @@ class DaemonProcess:
         assert proc.stdout is not None
         for line in proc.stdout:
             self._lines.append(line)
+
+    def lines(self) -> list[str]:
+        """The log so far."""
+        return list(self._lines)
+
+    def wait_log(self, text: str, timeout: float = 60) -> str:
+        """The first log line containing `text`, waiting for it (the daemon keeps running)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            found = [line for line in list(self._lines) if text in line]
+            if found:
+                return found[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no log line with {text!r} within {timeout}s; last lines: {self._lines[-5:]}")
 
     def wait(self, timeout: float = 15) -> int:
         assert self.proc is not None and self._reader is not None

@@ -10,6 +10,10 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 CACHE = Path(os.environ.get("GEMMA_AGENT_TEST_CACHE", Path.home() / ".cache" / "gemma-agent" / "test"))
 
 
+GEMMA_AGENT = Path(sys.executable).with_name("gemma-agent")  # the console script pip installed
+
+
 def agent_cmd(*args: str) -> list[str]:
-    """The command line that runs the CLI from this checkout, as a user would (python -m agent)."""
-    return [sys.executable, "-m", "agent", *args]
+    """The command line a user runs: the installed `gemma-agent` script (README's `.venv/bin/gemma-agent`)."""
+    assert GEMMA_AGENT.exists(), f"{GEMMA_AGENT} is missing: install the project into the venv (pip install -e .)"
+    return [str(GEMMA_AGENT), *args]
