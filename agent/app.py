@@ -30,7 +30,7 @@ from agent.mqtt.sink import MqttOutput
 from agent.ops.health import HealthReport
 from agent.ops.metrics import MetricsServer
 from agent.ops.sdnotify import Heartbeat, Notifier, Watchdog
-from agent.perception.stage import Perception, TimedUtterance
+from agent.perception.stage import Perception
 from agent.turns.conversation import Conversation
 from agent.turns.policy import TurnPolicy
 from agent.turns.router import Router
@@ -74,7 +74,7 @@ def build_speech(cfg: Config, policy: TurnPolicy, support: MediaSupport, output:
     if native or stt is not None:
         mode = "native audio" + (" + whisper" if stt else "") if native else "whisper"
     log.info("speech: %s, trigger %s", mode, cfg.listen.trigger)
-    worker = SpeechWorker(policy, stt, native, cfg.listen.audio_prompt, output, router.on_speech)
+    worker = SpeechWorker(policy, stt, native, cfg.listen.audio_prompt, output, router)
     return Speech(worker, mode)
 
 
@@ -131,7 +131,8 @@ class Agent:
         projector = (lambda: "none") if not cfg.model.mmproj else \
             (lambda: "loaded" if backend.projector_loaded else "released")
         health = HealthReport(engine, client, outbox, perception, router, watchdog, projector,
-                              lambda: speech.mode, cfg.memory, time.monotonic())
+                              lambda: speech.mode, lambda: speech.worker.stats() if speech.worker else {},
+                              cfg.memory, time.monotonic())
         return cls(cfg, notifier, backend, engine, outbox, client, output, perception, router, speech, watchdog,
                    health, Heartbeat(), metrics, stopping, activity)
 
@@ -145,7 +146,7 @@ class Agent:
         worker = self.speech.worker
         if worker is not None:
             worker.start()
-        self.perception.start(self.router.on_motion, worker.on_utterance if worker else _ignore_utterance)
+        self.perception.start(self.router.on_motion, worker)
         threading.Thread(target=self._health_loop, name="health", daemon=True).start()
         if self.metrics is not None:
             self.metrics.start(self.health.snapshot)
@@ -218,10 +219,6 @@ class Agent:
             self.backend.close()
         log.info("stopped")
         return ExitCode.OK
-
-
-def _ignore_utterance(_utterance: TimedUtterance) -> None:
-    """The microphone is off: nothing is ever heard."""
 
 
 def open_outbox(cfg: Config) -> Outbox:

@@ -154,6 +154,7 @@ class VadConfig:
     frame_ms: Literal[10, 20, 30] = 30
     pre_roll_ms: int = opt(300, 0, 5000)
     hangover_ms: int = opt(700, 0, 10000)
+    early_end_ms: int = opt(250, 0, 10000)
     min_speech_ms: int = opt(250, 0, 10000)
     max_utterance_s: float = opt(15.0, 1.0, 300.0)
 
@@ -165,6 +166,7 @@ class VisionConfig:
     describe_prompt: str = "Describe what the camera sees in one or two short sentences."
     motion_describe: bool = False
     motion_cooldown: float = opt(60.0, 0.0, 86400.0)
+    prepare: bool = True
 
 
 @dataclass

@@ -6,10 +6,7 @@ import ctypes
 import dataclasses
 import hashlib
 import wave
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -21,66 +18,13 @@ from agent.llm.prompt import ChatTemplate, TemplateProblem, gemma_prompt
 from agent.turns.types import Turn
 from tests.support import models as testmodels
 from tests.support import synth
+from tests.support.mtmd import mtmd_context, pcm_bitmap, rgb_bitmap, text_context, tokenize
 
 CHUNK_TEXT, CHUNK_IMAGE, CHUNK_AUDIO = 0, 1, 2  # mtmd_input_chunk_type
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@contextmanager
-def text_context(path: Path, n_ctx: int = 2048, n_batch: int = 512) -> Iterator[tuple[Any, Any]]:
-    """A llama.cpp model and context through the C API (what libmtmd needs), freed afterwards."""
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
-    assert model, f"llama.cpp could not load {path}"
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch, params.n_threads, params.n_threads_batch = (
-        n_ctx, n_batch, n_batch, 2, 2)
-    ctx = llama_cpp.llama_init_from_model(model, params)
-    assert ctx
-    try:
-        yield model, ctx
-    finally:
-        llama_cpp.llama_free(ctx)
-        llama_cpp.llama_model_free(model)
-
-
-@contextmanager
-def mtmd_context(projector: Path, model: Any) -> Iterator[Any]:
-    params = mtmd.mtmd_context_params_default()
-    params.use_gpu, params.n_threads, params.print_timings = False, 2, False
-    ctx = mtmd.mtmd_init_from_file(str(projector).encode(), model, params)
-    assert ctx, f"libmtmd could not load {projector}"
-    try:
-        yield ctx
-    finally:
-        mtmd.mtmd_free(ctx)
-
-
-def tokenize(ctx: Any, prompt: bytes, bitmap: Any) -> tuple[Any, list[tuple[int, int]]]:
-    """mtmd_tokenize one bitmap into chunks; return the chunks and their (type, n_tokens)."""
-    text = mtmd.mtmd_input_text()
-    text.text, text.text_len, text.add_special, text.parse_special = prompt, len(prompt), True, True
-    chunks = mtmd.mtmd_input_chunks_init()
-    rc = mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
-    assert rc == 0, f"mtmd_tokenize returned {rc}"
-    found = []
-    for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-        chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-        found.append((mtmd.mtmd_input_chunk_get_type(chunk), mtmd.mtmd_input_chunk_get_n_tokens(chunk)))
-    return chunks, found
-
-
-def rgb_bitmap(width: int, height: int) -> Any:
-    pixels = np.random.default_rng(7).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    return mtmd.mtmd_bitmap_init(width, height, (ctypes.c_uint8 * pixels.nbytes).from_buffer_copy(pixels.tobytes()))
-
-
-def pcm_bitmap(seconds: float) -> Any:
-    n = int(16000 * seconds)
-    pcm = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 16000)).astype(np.float32)
-    return mtmd.mtmd_bitmap_init_from_audio(n, (ctypes.c_float * n).from_buffer_copy(pcm.tobytes()))
 
 
 # ------------------------------------------------------------------------------------------------ text

@@ -59,6 +59,7 @@ def check_model(cfg: Config, report: Report) -> bool | None:
                     ExitCode.FAILURE if unreachable else ExitCode.OK)
         return cfg.remote.audio
     from agent.gguf import ModelFileError, describe, verify
+    from agent.llm.input_size import resized
     from agent.llm.prompt import prompt_format
     from agent.memory.plan import plan
 
@@ -71,10 +72,11 @@ def check_model(cfg: Config, report: Report) -> bool | None:
         print(f"would load  n_ctx {cfg.model.n_ctx}, n_batch {cfg.model.n_batch}, n_ubatch {cfg.model.n_ubatch}, "
               f"threads {cfg.model.n_threads or 'all'}, mmap on" + (", sha256 pinned" if cfg.model.sha256 else ""))
         projector = verify(Path(cfg.model.mmproj).absolute()) if cfg.model.mmproj else None
+        sized = resized(projector, cfg.camera.input_size) if projector is not None else None
     except ModelFileError as exc:
         report.line("model", str(exc), ExitCode.EX_NOINPUT if exc.missing else ExitCode.EX_DATAERR)
         return None
-    chosen = plan(info, cfg.model, cfg.memory, projector=projector)
+    chosen = plan(info, cfg.model, cfg.memory, projector=sized or projector)
     print("\n".join(chosen.lines()))
     if chosen.chosen is None:
         report.line("memory", "nothing fits the budget: run refuses to load it (see the plan above)",
@@ -85,7 +87,8 @@ def check_model(cfg: Config, report: Report) -> bool | None:
     vision, audio = projector.projector_inputs()
     report.line("projector", f"{projector.path} ({projector.metadata.get('clip.projector_type', '?')}): vision "
                 f"{'yes' if vision else 'no'}, audio {'yes' if audio else 'no'} (per its header; libmtmd confirms "
-                "at start)")
+                "at start)" + (f"; encodes at {cfg.camera.input_size} px through a copy made at the first start"
+                               if sized else ""))
     return audio
 
 

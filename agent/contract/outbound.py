@@ -27,6 +27,8 @@ class Response:
     ttft_ms: float
     queue_ms: float  # waiting behind other turns
     media_ms: float  # encoding images/audio and evaluating them (part of ttft_ms)
+    projector_load_ms: float  # loading the projector for this turn (part of ttft_ms)
+    encode_ms: float  # the encoder's share of media_ms
     prefill_tps: float
     decode_tps: float
     transcript: str | None = None  # speech turns: what speech-to-text heard
@@ -37,6 +39,7 @@ class Response:
         return {"id": self.id, "text": self.text, "source": self.source, "done": True, "stop": self.stop, **extra,
                 "tokens": self.tokens, "latency_ms": round(self.latency_ms, 1), "ttft_ms": round(self.ttft_ms, 1),
                 "queue_ms": round(self.queue_ms, 1), "media_ms": round(self.media_ms, 1),
+                "projector_load_ms": round(self.projector_load_ms, 1), "encode_ms": round(self.encode_ms, 1),
                 "prefill_tps": round(self.prefill_tps, 1), "decode_tps": round(self.decode_tps, 1), "ts": self.ts}
 
 

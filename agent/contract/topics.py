@@ -31,7 +31,7 @@ TOPICS: dict[str, TopicSpec] = {spec.name: spec for spec in (
     TopicSpec("reset", _IN, 1, False, json=False),
     TopicSpec("response", _OUT, 1, False, durable=True,
               keys=("id", "text", "source", "done", "stop", "tokens", "latency_ms", "ttft_ms", "queue_ms", "media_ms",
-                    "prefill_tps", "decode_tps", "ts")),
+                    "projector_load_ms", "encode_ms", "prefill_tps", "decode_tps", "ts")),
     TopicSpec("response/stream", _OUT, 0, False, ("id", "delta", "index")),
     TopicSpec("transcript", _OUT, 1, False, durable=True,
               keys=("id", "text", "start", "end", "duration", "emitted", "stt_ms")),

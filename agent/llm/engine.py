@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from agent.config import ModelConfig
 from agent.contract.codes import AgentError, ErrorCode, StopReason
 from agent.turns.conversation import Conversation
-from agent.turns.types import Request, Result, Sink, Turn
+from agent.turns.types import Flag, Request, Result, Sink, Turn
 
 log = logging.getLogger("agent.llm.engine")
 
@@ -32,17 +32,32 @@ class Backend(Protocol):
     def projector_loaded(self) -> bool: ...
 
     def generate(self, request: Request, turns: list[Turn] | None = None,
-                 on_delta: Callable[[str, int], None] | None = None,
-                 cancel: threading.Event | None = None) -> Result: ...
+                 on_delta: Callable[[str, int], None] | None = None, cancel: Flag | None = None) -> Result: ...
+
+    def prepare(self, request: Request, turns: list[Turn]) -> None:
+        """Evaluate the prompt up to and including the request's media, so the turn itself finds it cached."""
 
     def fits(self, turns: list[Turn], system: str | None, budget: int) -> bool: ...
 
     def release_projector(self, why: str = "") -> bool: ...
 
+    def tick(self) -> None:
+        """Called about once a second while the worker is idle (the projector's lifetime)."""
+
     def close(self) -> None: ...
 
 
-def must_stop(cancel: threading.Event | None, deadline: float) -> StopReason | None:
+class Either:
+    """Set when any of its flags is: the daemon stopping, or this one request let go."""
+
+    def __init__(self, *flags: Flag) -> None:
+        self.flags = flags
+
+    def is_set(self) -> bool:
+        return any(flag.is_set() for flag in self.flags)
+
+
+def must_stop(cancel: Flag | None, deadline: float) -> StopReason | None:
     """`cancelled` or `deadline` when a running turn has to stop now, else None."""
     if cancel is not None and cancel.is_set():
         return StopReason.CANCELLED
@@ -50,6 +65,7 @@ def must_stop(cancel: threading.Event | None, deadline: float) -> StopReason | N
 
 
 _STOP = object()
+_PREPARE = object()  # wakes the worker for the pending preparation
 
 
 class Engine:
@@ -63,7 +79,11 @@ class Engine:
         self._on_activity = on_activity or (lambda: None)
         self.conversation = conversation
         self.projector_idle = projector_idle
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size + 1)  # + one wake-up for a preparation
+        self._size = queue_size
+        self._preparing: Request | None = None
+        self._lock = threading.Lock()
+        self.prepared = 0  # preparations run
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._work, name="engine", daemon=True)
         self.current: Request | None = None
@@ -80,17 +100,37 @@ class Engine:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        with self._lock:
+            return self._queue.qsize() - (self._preparing is not None)
 
     def submit(self, request: Request, sink: Sink) -> None:
         """Queue a request, or raise AgentError (queue_full, shutting_down) at once."""
         if self._cancel.is_set():
             raise AgentError(ErrorCode.SHUTTING_DOWN, "the daemon is stopping", request.id)
+        full = AgentError(ErrorCode.QUEUE_FULL, f"{self._size} requests are already waiting; try again later",
+                          request.id)
+        if self.depth >= self._size:
+            raise full
         try:
             self._queue.put_nowait((request, sink))
-        except queue.Full:
-            raise AgentError(ErrorCode.QUEUE_FULL, f"{self._queue.maxsize} requests are already waiting; try again "
-                             "later", request.id) from None
+        except queue.Full:  # another sender got the last place first
+            raise full from None
+
+    def prepare(self, request: Request) -> None:
+        """Evaluate the start of `request`'s prompt (system prompt, conversation, its images) into the KV cache
+        ahead of the turn. Runs only when nothing else is queued, so a waiting turn is delayed by at most the one
+        preparation already running; a newer preparation replaces a pending one."""
+        if self._cancel.is_set():
+            return
+        with self._lock:
+            wake = self._preparing is None
+            self._preparing = request
+        if wake:
+            try:
+                self._queue.put_nowait(_PREPARE)
+            except queue.Full:  # turns fill the queue: they go first anyway
+                with self._lock:
+                    self._preparing = None
 
     def progressing(self, deadline: float) -> bool:
         """Watchdog probe: stuck only when the worker died or one turn has run past `deadline` seconds."""
@@ -101,12 +141,16 @@ class Engine:
     def _work(self) -> None:
         while True:
             try:
-                item = self._queue.get(timeout=None if self.projector_idle is None else 1.0)
+                item = self._queue.get(timeout=1.0)
             except queue.Empty:
                 self._release_idle_projector()
+                self.model.tick()
                 continue
             if item is _STOP:
                 return
+            if item is _PREPARE:
+                self._prepare()
+                continue
             request, sink = item
             self.current = request
             self.progress_at = time.monotonic()
@@ -116,7 +160,8 @@ class Engine:
                     sink.on_error(request, _shutting_down(request))
                     continue
                 result = self.model.generate(request, turns=self._turns(request),
-                                             on_delta=functools.partial(sink.on_delta, request), cancel=self._cancel)
+                                             on_delta=functools.partial(sink.on_delta, request),
+                                             cancel=Either(self._cancel, request.cancel))
                 if self.conversation is not None and request.remember and result.stop != StopReason.CANCELLED:
                     self.conversation.record(request.text, result.text)
                 self.last_result = result
@@ -137,6 +182,23 @@ class Engine:
             self._on_activity()
         except Exception:  # reporting must never stop the worker
             log.exception("activity callback failed")
+
+    def _prepare(self) -> None:
+        with self._lock:
+            request, self._preparing = self._preparing, None
+            waiting = self._queue.qsize()
+        if request is None or request.cancel.is_set() or waiting or self._cancel.is_set():
+            return  # a turn is waiting: it goes first, and does its own work
+        self.progress_at = time.monotonic()
+        try:
+            self.model.prepare(request, self._turns(request))
+            self.prepared += 1
+        except AgentError as exc:
+            log.info("preparing %s's image failed: %s", request.source, exc.detail)
+        except Exception:  # the turn itself will report what is wrong
+            log.exception("preparing a turn failed")
+        finally:
+            self.progress_at = time.monotonic()
 
     def _release_idle_projector(self) -> None:
         idle = self.projector_idle
@@ -165,8 +227,9 @@ class Engine:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            request, sink = item
-            sink.on_error(request, _shutting_down(request))
+            if item is not _PREPARE:
+                request, sink = item
+                sink.on_error(request, _shutting_down(request))
         if self._thread.ident is None:  # never started
             return True
         self._queue.put(_STOP)

@@ -5,11 +5,13 @@ ModelLoadError / AgentError; `exit_code_for` maps them to the documented exit co
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from agent.config import Config
 from agent.contract.exitcodes import ExitCode
 from agent.gguf import ModelFileError, verify
 from agent.llm.engine import Backend
+from agent.llm.input_size import projector_for
 from agent.llm.local import LocalModel, ModelLoadError
 from agent.memory.plan import plan
 from agent.memory.shape import MemoryPlanError
@@ -19,7 +21,8 @@ log = logging.getLogger("agent.llm")
 
 
 def load_model(cfg: Config) -> LocalModel:
-    """Check the model file with our own header parser, then load it; raises ModelFileError/ModelLoadError."""
+    """Check the model file with our own header parser, then load it; raises ModelFileError/ModelLoadError. A
+    vision projector is loaded in the copy that encodes at camera.input_size (agent/llm/input_size.py)."""
     info = verify(cfg.model.path, cfg.model.sha256)
     if cfg.model.lora:
         adapter = verify(cfg.model.lora)
@@ -28,16 +31,22 @@ def load_model(cfg: Config) -> LocalModel:
                                  f"{adapter.metadata.get('general.type')!r}, arch {adapter.arch})")
     log.info("model file ok: %s (%s, %.1f MiB, %d tensors)", cfg.model.path, info.arch, info.size / 2**20,
              len(info.tensors))
-    projector = verify(cfg.model.mmproj) if cfg.model.mmproj else None
+    model_cfg = cfg.model
+    if cfg.model.mmproj:
+        verify(cfg.model.mmproj)
+        model_cfg = replace(cfg.model, mmproj=projector_for(cfg.model.mmproj, cfg.camera.input_size))
+        if model_cfg.mmproj != cfg.model.mmproj:
+            log.info("projector: %s encodes at %d px", model_cfg.mmproj, cfg.camera.input_size)
+    projector = verify(model_cfg.mmproj) if model_cfg.mmproj else None
     try:  # the load setting that fits the memory budget (bench/RESULTS.md), or a refusal with the table
-        chosen = plan(info, cfg.model, cfg.memory, projector=projector)
+        chosen = plan(info, model_cfg, cfg.memory, projector=projector)
     except MemoryPlanError as exc:
         raise ModelLoadError(str(exc)) from None
     if chosen.chosen is None:
         raise ModelLoadError(chosen.refusal())  # the table and what would fit, once
     for line in chosen.lines(rows=4):
         log.info("%s", line)
-    return LocalModel(cfg.model, plan=chosen)
+    return LocalModel(model_cfg, plan=chosen)
 
 
 def open_backend(cfg: Config) -> tuple[Backend, MediaSupport]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import codecs
 import ctypes
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,11 +23,12 @@ from agent.llm.projector import Projector, ProjectorError, Prompt
 from agent.llm.prompt import END, ChatTemplate, TemplateProblem, completion_prompt, gemma_prompt, prompt_format
 from agent.memory import apply
 from agent.memory.plan import Plan
-from agent.turns.types import Request, Result, Turn
+from agent.turns.types import Flag, Request, Result, Turn
 
 log = logging.getLogger("agent.llm")
 
 RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a new seed each turn
+HOLD_PREPARED_S = 20.0  # an on-demand projector kept after a preparation, for the turn it prepared
 
 
 class ModelLoadError(Exception):
@@ -85,7 +85,7 @@ class LocalModel:
         self._is_eog = llama_cpp.llama_vocab_is_eog
         self._end_of_turn = self._single_token(END)
         self._abort_deadline = float("inf")
-        self._abort_event: threading.Event | None = None
+        self._abort_event: Flag | None = None
         self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
         self._no_abort_cb = llama_cpp.ggml_abort_callback()
         self._set_abort = llama_cpp.llama_set_abort_callback
@@ -96,6 +96,8 @@ class LocalModel:
         self.threads = threads
         self._projector: Projector | None = None
         self.projector_used = 0.0
+        self._held_until = 0.0  # an on-demand projector kept after a preparation until then
+        self._load_s = self._encode_s = 0.0  # this turn's projector load and encode time
         # False when the memory plan loads the projector for each image and frees it before decoding
         self.projector_resident = plan is None or plan.chosen is None or plan.chosen.setting.projector_resident
         log.info("model loaded: %s in %.2fs (n_ctx %d, threads %d); prompted as %s: %s", self.path,
@@ -107,11 +109,13 @@ class LocalModel:
             if not self.cfg.mmproj:
                 raise AgentError(ErrorCode.NO_PROJECTOR, "this model has no projector (model.mmproj is not set): it "
                                   "cannot take images or audio")
+            began = time.monotonic()
             try:
                 self._projector = Projector(self.cfg.mmproj, llama_shim.model_handle(self.llm), self.threads,
                                             self.cfg.n_gpu_layers != 0)
             except ProjectorError as exc:
                 raise AgentError(ErrorCode.PROJECTOR_ERROR, str(exc)) from None
+            self._load_s += time.monotonic() - began
         self.projector_used = time.monotonic()
         return self._projector
 
@@ -204,33 +208,61 @@ class LocalModel:
         return (event is not None and event.is_set()) or time.monotonic() > self._abort_deadline
 
     def generate(self, request: Request, turns: list[Turn] | None = None,
-                 on_delta: Callable[[str, int], None] | None = None,
-                 cancel: threading.Event | None = None) -> Result:
+                 on_delta: Callable[[str, int], None] | None = None, cancel: Flag | None = None) -> Result:
         """Run one turn; `turns` defaults to the request's text as the only user turn."""
         cfg = self.cfg
         started = time.monotonic()
         deadline = started + cfg.deadline
+        self._load_s = self._encode_s = 0.0
+        if not request.media and self._projector is not None and not self.projector_resident:
+            self.release_projector("a text turn: the memory plan has no room for it beside decoding")
         turns = list(turns or [Turn("user", request.text)])
-        prompt: Prompt | None = None
-        if request.media:
-            projector = self.projector()
-            marked = projector.marker * len(request.media) + turns[-1].text
-            turns[-1] = Turn("user", marked)
-            try:
-                prompt = projector.prompt(self.render(turns, request.system), request.media)
-            except ProjectorError as exc:
-                raise AgentError(ErrorCode.PROJECTOR_ERROR, str(exc)) from None
-            tokens = prompt.tokens
-        else:
-            tokens = self.tokenize(self.render(turns, request.system))
+        prompt = self._media_prompt(request, turns) if request.media else None
+        tokens = prompt.tokens if prompt is not None else self.tokenize(self.render(turns, request.system))
         try:
             return self._run(request, tokens, prompt, started, deadline, on_delta, cancel)
         finally:
             if prompt is not None:
                 prompt.close()
 
+    def prepare(self, request: Request, turns: list[Turn]) -> None:
+        """Evaluate the prompt up to and including the request's media (its text is not known yet: a speech turn
+        prepared at speech onset), so the turn finds them in the KV cache and evaluates only its question. An
+        on-demand projector is kept for that turn, at most HOLD_PREPARED_S seconds (`tick`)."""
+        if not request.media:
+            return
+        turns = [*turns[:-1], Turn("user", "")]
+        prompt = self._media_prompt(request, turns)
+        self._abort_deadline, self._abort_event = time.monotonic() + self.cfg.deadline, request.cancel
+        self._set_abort(llama_shim.context_handle(self.llm), self._abort_cb, None)
+        try:
+            began = time.monotonic()
+            self._feed_media(prompt)
+            log.info("prepared %s's %d media item(s) in %.0f ms", request.source, len(request.media),
+                     (time.monotonic() - began) * 1000)
+        except RuntimeError as exc:
+            if not self._should_abort(None):
+                raise AgentError(ErrorCode.MODEL_ERROR, f"llama.cpp failed preparing the turn: {exc}") from None
+        finally:
+            self._set_abort(llama_shim.context_handle(self.llm), self._no_abort_cb, None)
+            prompt.close()
+        self._held_until = time.monotonic() + HOLD_PREPARED_S
+
+    def tick(self) -> None:
+        if self._projector is not None and not self.projector_resident and time.monotonic() > self._held_until:
+            self.release_projector("the prepared turn did not come")
+
+    def _media_prompt(self, request: Request, turns: list[Turn]) -> Prompt:
+        """The prompt cut into text and media pieces (one marker per media item, before the question)."""
+        projector = self.projector()
+        turns[-1] = Turn("user", projector.marker * len(request.media) + turns[-1].text)
+        try:
+            return projector.prompt(self.render(turns, request.system), request.media)
+        except ProjectorError as exc:
+            raise AgentError(ErrorCode.PROJECTOR_ERROR, str(exc)) from None
+
     def _run(self, request: Request, tokens: list[int], prompt: Prompt | None, started: float, deadline: float,
-             on_delta: Callable[[str, int], None] | None, cancel: threading.Event | None) -> Result:
+             on_delta: Callable[[str, int], None] | None, cancel: Flag | None) -> Result:
         cfg = self.cfg
         room = self.n_ctx - len(tokens)
         if room < 2:
@@ -303,6 +335,7 @@ class LocalModel:
             prefill_tps=(len(tokens) - cached) / prefill_s if prefill_s > 0 else 0.0,
             decode_tps=(n_out - 1) / decode_s if n_out > 1 and decode_s > 0 else 0.0,
             queue_ms=(started - request.created) * 1000, media_ms=media_s * 1000,
+            projector_load_ms=self._load_s * 1000, encode_ms=self._encode_s * 1000,
             image_tokens=prompt.media_tokens("image") if prompt else 0,
             audio_tokens=prompt.media_tokens("audio") if prompt else 0,
             transcript=request.transcript,
@@ -331,8 +364,9 @@ class LocalModel:
                 if piece.kind == "text":
                     llm.eval(piece.tokens[max(0, keep - pos):])
                 else:
-                    new_n_past = self.projector().evaluate(piece, llama_shim.context_handle(llm), llm.n_tokens,
-                                                           llm.n_batch)
+                    new_n_past, encode_s = self.projector().evaluate(piece, llama_shim.context_handle(llm),
+                                                                     llm.n_tokens, llm.n_batch)
+                    self._encode_s += encode_s
                     llama_shim.record_media(llm, piece.tokens[0], new_n_past)
             pos = end
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,14 +140,27 @@ class Projector:
                                     int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))))
         return pieces
 
-    def evaluate(self, piece: Piece, lctx: Any, n_past: int, n_batch: int) -> int:
-        """Encode a media piece and decode its embeddings at n_past; returns the new n_past."""
+    def evaluate(self, piece: Piece, lctx: Any, n_past: int, n_batch: int) -> tuple[int, float]:
+        """Encode a media piece and decode its embeddings at n_past; returns the new n_past and the seconds the
+        encoder took (an image's; audio is encoded and decoded in one call, all counted as encoding)."""
+        mtmd = self.mtmd
         new_n_past = ctypes.c_int32(n_past)
-        rc = self.mtmd.mtmd_helper_eval_chunk_single(self.ctx, lctx, piece.chunk, n_past, 0, n_batch, False,
-                                                     ctypes.byref(new_n_past))
+        began = time.monotonic()
+        if piece.kind != "image":
+            rc = mtmd.mtmd_helper_eval_chunk_single(self.ctx, lctx, piece.chunk, n_past, 0, n_batch, False,
+                                                    ctypes.byref(new_n_past))
+            if rc != 0:
+                raise RuntimeError(f"libmtmd could not evaluate the {piece.kind} (code {rc})")
+            return int(new_n_past.value), time.monotonic() - began
+        if mtmd.mtmd_encode_chunk(self.ctx, piece.chunk) != 0:
+            raise RuntimeError("libmtmd could not encode the image")
+        encoded = time.monotonic() - began
+        rc = mtmd.mtmd_helper_decode_image_chunk(self.ctx, lctx, piece.chunk, mtmd.mtmd_get_output_embd(self.ctx),
+                                                 n_past, 0, n_batch, ctypes.byref(new_n_past),
+                                                 mtmd.mtmd_helper_post_decode_callback(), None)
         if rc != 0:
-            raise RuntimeError(f"libmtmd could not evaluate the {piece.kind} (code {rc})")
-        return int(new_n_past.value)
+            raise RuntimeError(f"libmtmd could not evaluate the image (code {rc})")
+        return int(new_n_past.value), encoded
 
     def close(self) -> None:
         if self.ctx:

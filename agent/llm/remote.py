@@ -12,7 +12,6 @@ import http.client
 import io
 import json
 import logging
-import threading
 import time
 import urllib.parse
 import wave
@@ -25,7 +24,7 @@ from PIL import Image
 from agent.config import ModelConfig, RemoteConfig
 from agent.contract.codes import AgentError, ErrorCode, StopReason
 from agent.llm.engine import must_stop
-from agent.turns.types import Media, Request, Result, Turn
+from agent.turns.types import Flag, Media, Request, Result, Turn
 
 log = logging.getLogger("agent.llm.remote")
 CHARS_PER_TOKEN = 3  # a conservative estimate for history trimming: the server holds the tokenizer
@@ -54,6 +53,12 @@ class RemoteModel:
 
     def release_projector(self, why: str = "") -> bool:
         return False
+
+    def prepare(self, request: Request, turns: list[Turn]) -> None:
+        """The server keeps its own cache: nothing to prepare here."""
+
+    def tick(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -98,7 +103,7 @@ class RemoteModel:
 
     def generate(self, request: Request, turns: list[Turn] | None = None,
                  on_delta: Callable[[str, int], None] | None = None,
-                 cancel: threading.Event | None = None) -> Result:
+                 cancel: Flag | None = None) -> Result:
         cfg = self.cfg
         for media in request.media:
             if (media.kind == "image" and not self.vision) or (media.kind == "audio" and not self.audio):

@@ -20,7 +20,8 @@ def response_of(result: Result) -> Response:
                             "completion": result.completion_tokens, "image": result.image_tokens,
                             "audio": result.audio_tokens},
                     latency_ms=result.latency_ms, ttft_ms=result.ttft_ms, queue_ms=result.queue_ms,
-                    media_ms=result.media_ms, prefill_tps=result.prefill_tps, decode_tps=result.decode_tps,
+                    media_ms=result.media_ms, projector_load_ms=result.projector_load_ms,
+                    encode_ms=result.encode_ms, prefill_tps=result.prefill_tps, decode_tps=result.decode_tps,
                     transcript=result.transcript)
 
 

@@ -32,6 +32,7 @@ class HealthReport:
     watchdog: Watchdog
     projector: Callable[[], str]  # "none" | "loaded" | "released"
     speech: Callable[[], str]  # how speech is understood, or why it is not
+    speech_stats: Callable[[], dict[str, int]]  # speculative turns: started, confirmed, wasted
     memory: MemoryConfig
     started: float
 
@@ -60,6 +61,8 @@ class HealthReport:
             "turns": engine.turns_served,
             "projector": self.projector(),
             "speech": self.speech(),
+            "speech_turns": self.speech_stats(),
+            "prepared": engine.prepared,  # images encoded ahead of their turn
             "queues": {"model": engine.depth,
                        "audio": devices_health.get("microphone", {}).get("queued", 0)},
             "audio_dropped": devices_health.get("microphone", {}).get("overflows", 0),

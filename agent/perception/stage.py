@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from agent.config import Config
 from agent.perception.motion import MotionDetector, MotionEvent
@@ -18,6 +18,22 @@ from devices.camera import Camera, CameraError, Frame
 from devices.microphone import Microphone, MicrophoneError
 
 log = logging.getLogger("agent.perception")
+
+
+class SpeechListener(Protocol):
+    """Who hears the microphone: called on the microphone's thread, so each call must return at once."""
+
+    def on_onset(self, start: float) -> None:
+        """Speech began at `start` (wall clock)."""
+
+    def on_pause(self, utterance: TimedUtterance) -> None:
+        """A short pause: the utterance as it would end here, if speech does not resume (vad.early_end_ms)."""
+
+    def on_resume(self) -> None:
+        """Speech resumed inside the hangover: the last on_pause is void."""
+
+    def on_utterance(self, utterance: TimedUtterance) -> None:
+        """An utterance the hangover ended."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +51,8 @@ class Perception:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self._on_utterance: Callable[[TimedUtterance], None] = lambda _u: None
+        self._speech: SpeechListener | None = None
+        self._mic_started = 0.0  # wall-clock time of the microphone stream's 0
         self.camera: Camera | None = None
         self.camera_error = ""
         self.motion: MotionDetector | None = None
@@ -53,9 +70,14 @@ class Perception:
                 self.camera_error = str(exc)
                 log.error("camera disabled: %s", exc)
 
-    def start(self, on_motion: Callable[[MotionEvent], None], on_utterance: Callable[[TimedUtterance], None]) -> None:
-        """Start the camera (and motion detector) and the microphone thread; results go to the callbacks."""
-        self._on_utterance = on_utterance
+    def start(self, on_motion: Callable[[MotionEvent], None], speech: SpeechListener | None) -> None:
+        """Start the camera (and motion detector) and the microphone thread; what they find goes to `on_motion`
+        and `speech`."""
+        self._speech = speech
+        if speech is not None:
+            self.segmenter.on_onset = lambda ts: speech.on_onset(self._mic_started + ts)
+            self.segmenter.on_pause = lambda utterance: speech.on_pause(self._timed(utterance))
+            self.segmenter.on_resume = speech.on_resume
         if self.camera is not None and self.cfg.motion.enabled:
             self.motion = MotionDetector(self.cfg.motion, sink=on_motion)
             self.camera.subscribe(self.motion)
@@ -106,20 +128,26 @@ class Perception:
             delay = min(delay * 2, 60.0)
 
     def _segment(self, mic: Microphone) -> None:
+        self._mic_started = mic.started_at
         for frame in mic.frames():
             self.mic_progress = time.monotonic()
             for utterance in self.segmenter.push(frame.pcm, frame.ts):
-                self._emit(utterance, mic.started_at)
+                self._emit(utterance)
             if self._stop.is_set():
                 return
         for utterance in self.segmenter.flush():
-            self._emit(utterance, mic.started_at)
+            self._emit(utterance)
 
-    def _emit(self, utterance: Utterance, started_at: float) -> None:
+    def _timed(self, utterance: Utterance) -> TimedUtterance:
+        start = self._mic_started
+        return TimedUtterance(utterance, start + utterance.start_ts, start + utterance.end_ts, time.time())
+
+    def _emit(self, utterance: Utterance) -> None:
         self.utterances += 1
-        timed = TimedUtterance(utterance, started_at + utterance.start_ts, started_at + utterance.end_ts, time.time())
+        if self._speech is None:
+            return
         try:
-            self._on_utterance(timed)
+            self._speech.on_utterance(self._timed(utterance))
         except Exception:
             log.exception("handling an utterance failed")
 

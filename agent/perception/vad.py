@@ -15,6 +15,11 @@ Definitions, all in the stream's clock (seconds; frame i covers [ts_i, ts_i + fr
   kept, the speech, and up to `pre_roll_ms` of the unvoiced audio after `end_ts`; `pcm_ts` is the time of
   `pcm[0]`.
 - bursts with `end_ts - start_ts` below `min_speech_ms` (coughs, knocks) are dropped and counted.
+- early end (`early_end_ms`, 0 = off): once that much unvoiced audio follows the last voiced frame, `on_pause`
+  gets the utterance as it would end there (same `start_ts` and `end_ts` as the one the hangover will emit if
+  speech does not resume), so speech-to-text and the answer can start before the hangover is over; when speech
+  resumes inside the hangover, `on_resume` says that guess is void. Utterances are still cut by the hangover.
+- `on_onset` gets `start_ts` as soon as speech begins (the frame can be prepared while the person speaks).
 - `pcm` is never longer than `max_utterance_s`: at the limit, mid-speech, the utterance is emitted with
   `cut=True` and the speech goes on as the next utterance, which starts at the next voiced frame without
   pre-roll (contiguous audio, no overlap) and is kept even when shorter than `min_speech_ms`. Reaching the
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,7 +62,10 @@ _Frame = tuple[float, np.ndarray, bool]  # ts, pcm, voiced
 class Segmenter:
     """Feed frames with push(); it returns the utterances they complete. flush() at the end of a stream."""
 
-    def __init__(self, cfg: VadConfig, onset_voiced_ms: int = 150, onset_window_ms: int = 180) -> None:
+    def __init__(self, cfg: VadConfig, onset_voiced_ms: int = 150, onset_window_ms: int = 180,
+                 on_onset: Callable[[float], None] | None = None,
+                 on_pause: Callable[[Utterance], None] | None = None,
+                 on_resume: Callable[[], None] | None = None) -> None:
         if cfg.frame_ms not in (10, 20, 30):
             raise ValueError(f"vad.frame_ms must be 10, 20 or 30, got {cfg.frame_ms!r}")
         self.cfg = cfg
@@ -65,6 +74,10 @@ class Segmenter:
         self.frame_len = RATE * cfg.frame_ms // 1000
         self.pre_frames = math.ceil(cfg.pre_roll_ms / cfg.frame_ms)
         self.hang_frames = max(1, math.ceil(cfg.hangover_ms / cfg.frame_ms))
+        early = math.ceil(cfg.early_end_ms / cfg.frame_ms)
+        self.early_frames = early if 0 < early < self.hang_frames else 0
+        self.on_onset, self.on_pause, self.on_resume = on_onset, on_pause, on_resume  # may be set later
+        self.pauses = self.resumes = 0  # early ends guessed, and guesses speech made void
         self.max_frames = max(1, int(cfg.max_utterance_s * 1000 // cfg.frame_ms))
         self.onset_n = max(1, math.ceil(onset_voiced_ms / cfg.frame_ms))
         self.onset_m = max(self.onset_n, math.ceil(onset_window_ms / cfg.frame_ms))
@@ -114,6 +127,7 @@ class Segmenter:
         self._last_voiced = -1
         self._silence = 0
         self._continued = False
+        self._paused = False  # an early end was announced for the current pause
 
     def _wait_for_onset(self, frame: _Frame) -> list[Utterance]:
         self._history.append(frame)
@@ -129,6 +143,8 @@ class Segmenter:
         self._last_voiced = len(self._buf) - 1
         self._speaking = True
         self._history.clear()
+        if self.on_onset is not None:
+            self.on_onset(self._start_ts)
         return self._cut() if len(self._buf) >= self.max_frames else []
 
     def _continue(self, frame: _Frame) -> list[Utterance]:
@@ -138,13 +154,31 @@ class Segmenter:
                 self._start_ts = frame[0]
             self._last_voiced = len(self._buf) - 1
             self._silence = 0
+            if self._paused:
+                self._paused = False
+                self.resumes += 1
+                if self.on_resume is not None:
+                    self.on_resume()
         else:
             self._silence += 1
+            if self._silence == self.early_frames and self._start_ts is not None and not self._continued:
+                self._announce_pause()
         if self._silence >= self.hang_frames:
             return self._finish()
         if len(self._buf) >= self.max_frames:
             return self._finish() if self._silence else self._cut()
         return []
+
+    def _announce_pause(self) -> None:
+        """The utterance as it would end here, for on_pause (when it is long enough to be one)."""
+        assert self._start_ts is not None
+        buf, last = self._buf, self._last_voiced
+        end = buf[last][0] + self.frame_s
+        if end - self._start_ts < self.cfg.min_speech_ms / 1000 or self.on_pause is None:
+            return
+        self._paused = True
+        self.pauses += 1
+        self.on_pause(_utterance(buf[:min(len(buf), last + 1 + self.pre_frames)], self._start_ts, end, cut=False))
 
     def _finish(self) -> list[Utterance]:
         """Speech ended at the last voiced frame; emit it (unless too short) and go back to idle."""

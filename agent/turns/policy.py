@@ -76,7 +76,13 @@ class TurnPolicy:
         with self._lock:
             return self._clock() < self._until
 
-    def decide(self, transcript: str | None) -> Decision:
+    def expects_turn(self) -> bool:
+        """Whether speech starting now will become a turn whatever it says (no wake phrase needed)."""
+        return self.cfg.trigger == "always" or self.window_open()
+
+    def decide(self, transcript: str | None, peek: bool = False) -> Decision:
+        """Whether an utterance becomes a turn, and its question. `peek`: decide without acting on it (a phrase
+        alone opens no window): for a guess made before the utterance is over."""
         text = (transcript or "").strip()
         with self._lock:
             open_window = self._clock() < self._until
@@ -91,6 +97,7 @@ class TurnPolicy:
         if rest is None:
             return Decision(False, text, "no_wake_phrase")
         if not rest:
-            self.open_window(why="wake_phrase")
+            if not peek:
+                self.open_window(why="wake_phrase")
             return Decision(False, "", "phrase_only")
         return Decision(True, rest, "wake_phrase")

@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from agent.config import Config
@@ -42,6 +43,15 @@ class _AfterAnswer:
         self.sink.on_error(request, error)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A frame encoded ahead of its turn: for which kind of turn, and when (wall clock) it was pinned."""
+
+    why: str  # "speech" (at its onset) | "motion" (for a describe that follows)
+    image: ModelImage
+    at: float
+
+
 class Router:
     def __init__(self, cfg: Config, turns: TurnQueue, conversation: Conversation | None, output: Output,
                  perception: Perception, policy: TurnPolicy, support: MediaSupport) -> None:
@@ -54,6 +64,13 @@ class Router:
         self._sink = _AfterAnswer(output, policy.answered)
         self._last_motion_describe = float("-inf")
         self._motion_lock = threading.Lock()
+        self._prepared: Prepared | None = None  # the frame last encoded ahead of its turn
+        self._prepared_lock = threading.Lock()
+
+    @property
+    def sink(self) -> Sink:
+        """Where a turn's output goes (the follow-up window opens after each answer)."""
+        return self._sink
 
     # --- MQTT commands ---------------------------------------------------------------------------------
 
@@ -86,7 +103,7 @@ class Router:
         try:
             if source == Source.DESCRIBE:  # MQTT-originated; motion has its own cooldown
                 self._admit(command.sender)
-            self._attach_frame(request, requested=True)
+            self._attach_frame(request, requested=True, prepared=self._prepared_frame("motion"))
         except AgentError as exc:
             self.output.refused(request.id, source, exc)
             return
@@ -110,8 +127,10 @@ class Router:
     # --- perception ------------------------------------------------------------------------------------
 
     def on_motion(self, event: MotionEvent) -> None:
-        """Called on the camera's grabber thread: publish, open a window, maybe describe; never block."""
+        """Called on the camera's grabber thread: publish, open a window, prepare or describe; never block."""
         self.output.event(EventType.MOTION, event.payload())
+        if not self.cfg.vision.motion_describe:  # a describe that follows (an automation) finds this frame ready
+            self._prepare("motion", Request(text=self.cfg.vision.describe_prompt, source=Source.DESCRIBE))
         if self.cfg.listen.trigger == "motion":
             self.policy.open_window(why="motion")
             self.output.event(EventType.LISTENING, {"reason": "motion", "seconds": self.cfg.listen.window})
@@ -122,24 +141,58 @@ class Router:
                 self._last_motion_describe = event.mono
             self.describe(b"", source=Source.MOTION, remember=False)
 
-    def on_speech(self, request: Request) -> None:
-        """A speech turn from the speech worker: attach the frame per vision.attach, then queue it."""
+    def on_speech_onset(self, start: float) -> None:
+        """Speech began (the microphone's thread): when its turn will carry the frame, prepare that frame now, so
+        after the end of speech only the question is left to evaluate."""
+        if self.cfg.vision.attach == "always" and self.policy.expects_turn():
+            self._prepare("speech", Request(text="", source=Source.SPEECH), since=start)
+
+    def on_speech(self, request: Request, sink: Sink | None = None) -> None:
+        """A speech turn from the speech worker: attach the frame per vision.attach (the one prepared at its onset
+        when there is one), then queue it. `sink`: a speculative turn's held output, journalled when confirmed."""
         try:
-            self._attach_frame(request, requested=False)
+            self._attach_frame(request, requested=False, prepared=self._prepared_frame("speech", request.spoken))
         except AgentError as exc:
-            self.output.refused(request.id, Source.SPEECH, exc)
+            if sink is None:
+                self.output.refused(request.id, Source.SPEECH, exc)
             return
-        self.submit(request)
+        self.submit(request, sink)
 
     # --- shared ----------------------------------------------------------------------------------------
 
-    def submit(self, request: Request) -> None:
-        """Queue a request, journalled until answered (a crash then reports it `interrupted`)."""
-        self.output.accepted(request)
+    def submit(self, request: Request, sink: Sink | None = None) -> None:
+        """Queue a request, journalled until answered (a crash then reports it `interrupted`); a held `sink` is
+        journalled when it is confirmed."""
+        if sink is None:
+            self.output.accepted(request)
         try:
-            self.turns.submit(request, self._sink)
+            self.turns.submit(request, sink or self._sink)
         except AgentError as exc:
-            self.output.on_error(request, exc)
+            (sink or self.output).on_error(request, exc)
+
+    def _prepare(self, why: str, request: Request, since: float | None = None) -> None:
+        """Pin the latest frame for the turn `why` announces and have the model encode it ahead of that turn."""
+        if not (self.cfg.vision.prepare and self.support.vision and self.perception.camera is not None):
+            return
+        try:
+            image = self.fresh_frame()
+        except AgentError:
+            return
+        with self._prepared_lock:
+            self._prepared = Prepared(why, image, time.time() if since is None else since)
+        request.media.append(Media("image", image.rgb))
+        self.turns.prepare(request)
+
+    def _prepared_frame(self, why: str, spoken: tuple[float, float] | None = None) -> ModelImage | None:
+        """The frame prepared for this turn: at its speech's onset, or (describe) at motion still fresh."""
+        with self._prepared_lock:
+            prepared = self._prepared
+        if prepared is None or prepared.why != why:
+            return None
+        if spoken is not None:
+            return prepared.image if spoken[0] - 0.5 <= prepared.at <= spoken[1] else None
+        age = time.time() - prepared.image.ts
+        return prepared.image if age <= self.cfg.vision.max_frame_age else None
 
     def _admit(self, sender: str) -> None:
         if not self.limiter.allow(sender):
@@ -147,9 +200,11 @@ class Router:
                              f"{self.cfg.limits.asks_per_minute}, per sender "
                              f"{self.cfg.limits.sender_asks_per_minute}); try again later")
 
-    def _attach_frame(self, request: Request, requested: bool, allowed: bool = True) -> None:
+    def _attach_frame(self, request: Request, requested: bool, allowed: bool = True,
+                      prepared: ModelImage | None = None) -> None:
         """Put the latest frame first in the request's media when asked for (`requested`: a refusal if none is
-        fresh) or when vision.attach is `always` (skipped quietly if none is fresh)."""
+        fresh) or when vision.attach is `always` (skipped quietly if none is fresh); `prepared`, the frame encoded
+        ahead for this turn, instead of the latest when there is one."""
         attach = self.cfg.vision.attach
         if requested and attach == "never" and request.source in (Source.ASK, Source.SPEECH):
             raise AgentError(ErrorCode.IMAGE_DISABLED, "vision.attach is never: asks do not take camera frames")
@@ -158,7 +213,7 @@ class Router:
         if not requested and not self.support.vision:
             return
         try:
-            prepared = self.fresh_frame()
+            prepared = prepared or self.fresh_frame()
         except AgentError:
             if requested:
                 raise

@@ -4,6 +4,7 @@ carries, and the two interfaces the turn stage talks through (`TurnQueue` in, `O
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -51,6 +52,12 @@ class MediaSupport:
     audio: bool = False
 
 
+class Flag(Protocol):
+    """Something a running turn polls to know it must stop (a threading.Event, or several at once)."""
+
+    def is_set(self) -> bool: ...
+
+
 @dataclass
 class Request:
     """One turn asked of the model."""
@@ -63,7 +70,9 @@ class Request:
     media: list[Media] = field(default_factory=list)  # images / audio evaluated before the text
     transcript: str | None = None  # what speech-to-text heard, for speech turns
     system: str | None = None  # replaces model.system_prompt for this turn (mqtt.allow_remote_system_prompt)
+    spoken: tuple[float, float] | None = None  # speech turns: wall-clock start and end of the utterance
     created: float = field(default_factory=time.monotonic)
+    cancel: threading.Event = field(default_factory=threading.Event)  # stops this turn (a speculation let go)
 
 
 @dataclass
@@ -86,6 +95,8 @@ class Result:
     transcript: str | None = None
     queue_ms: float = 0.0  # waiting behind other turns
     media_ms: float = 0.0  # encoding images/audio and evaluating them (part of ttft_ms)
+    projector_load_ms: float = 0.0  # loading the projector for this turn (part of ttft_ms; 0 when it was loaded)
+    encode_ms: float = 0.0  # the encoder's share of media_ms (0 when the media was already in the KV cache)
 
 
 class Sink(Protocol):
@@ -119,3 +130,6 @@ class TurnQueue(Protocol):
 
     def submit(self, request: Request, sink: Sink) -> None:
         """Queue a request, or raise AgentError (queue_full, shutting_down) at once."""
+
+    def prepare(self, request: Request) -> None:
+        """Evaluate the start of `request`'s prompt (its images included) ahead of the turn, when idle."""
