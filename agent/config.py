@@ -125,7 +125,7 @@ class CameraConfig:
     loop: bool = True
     reconnect_min: float = opt(0.5, 0.05, 60.0)
     reconnect_max: float = opt(30.0, 0.1, 3600.0)
-    input_size: Literal[256, 512, 768] = 512
+    input_size: Literal[256, 512, 768] = 256
     fit: Literal["letterbox", "crop"] = "letterbox"
     snapshot: bool = False
     snapshot_quality: int = opt(80, 10, 100)
@@ -184,6 +184,8 @@ class WhisperConfig:
     model: str = "models/ggml-base.en.bin"
     language: str = opt("en", pattern=r"^(auto|[a-z]{2,3})$")
     threads: int = opt(0, 0, 256)
+    max_tokens: int = opt(0, 0, 448)
+    temperature_fallback: bool = True
 
 
 @dataclass

@@ -74,3 +74,36 @@ def test_what_cannot_be_resized_is_left_alone_or_refused(tmp_path: Path) -> None
     info = inspect(testmodels.tiny_vision_projector())
     with pytest.raises(ModelFileError, match="cannot be made from a 300 px input"):
         resized(info, 300)
+
+
+def test_evaluating_kept_embeddings_equals_libmtmds_own_evaluation() -> None:
+    """An image encoded, its embeddings kept apart (so an on-demand projector can be freed first) and evaluated by
+    decode_embeddings leaves the model in the same state as libmtmd's helper: the same logits after it."""
+    from agent.llm.projector import Piece, Projector, decode_embeddings
+
+    def logits_after_image(ours: bool) -> np.ndarray:
+        with text_context(testmodels.tiny_text()) as (model, lctx):
+            projector = Projector(str(testmodels.tiny_vision_projector()), model, 2)
+            try:
+                bitmap = rgb_bitmap(512, 512)
+                chunks, found = tokenize(projector.ctx, mtmd.mtmd_default_marker(), bitmap)
+                chunk = mtmd.mtmd_input_chunks_get(chunks, [t for t, _n in found].index(1))
+                piece = Piece([-1] * 256, chunk, "image", 256)
+                if ours:
+                    encoded = projector.encode(piece)
+                    assert encoded is not None
+                    n_past = decode_embeddings(lctx, encoded, 0, 128)
+                else:
+                    n_past = projector.evaluate(piece, lctx, 0, 128)
+                assert n_past == 256
+                mtmd.mtmd_input_chunks_free(chunks)
+                mtmd.mtmd_bitmap_free(bitmap)
+                batch = llama_cpp.llama_batch_get_one((llama_cpp.llama_token * 1)(2), 1)
+                batch.pos = (llama_cpp.llama_pos * 1)(n_past)
+                assert llama_cpp.llama_decode(lctx, batch) == 0
+                n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+                return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(lctx, -1), shape=(n_vocab,)).copy()
+            finally:
+                projector.close()
+
+    assert np.allclose(logits_after_image(True), logits_after_image(False), atol=1e-3)

@@ -111,14 +111,14 @@ class SecureClient(Client):
 class LoggedDaemon(DaemonProcess):
     """DaemonProcess with its output in a file, so a test reads the log while the daemon runs."""
 
-    def start(self, client: Client | None, wait_online: bool = True) -> None:
+    def start(self, client: Client | None, wait_online: bool = True, timeout: float = 60) -> None:
         self.log_path = self.state_dir / "daemon.log"
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(agent_cmd(*self.args, "run"), cwd=self.cwd, env=env, text=True, stdout=out,
                                          stderr=subprocess.STDOUT)
         if wait_online and client is not None:
-            client.wait_for(f"{self.base}/availability", lambda m: m.payload == b"online", timeout=60)
+            client.wait_for(f"{self.base}/availability", lambda m: m.payload == b"online", timeout=timeout)
 
     def raw_log(self) -> bytes:
         return self.log_path.read_bytes()

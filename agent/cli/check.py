@@ -60,6 +60,7 @@ def check_model(cfg: Config, report: Report) -> bool | None:
         return cfg.remote.audio
     from agent.gguf import ModelFileError, describe, verify
     from agent.llm.input_size import resized
+    from agent.llm.loader import speech_bytes
     from agent.llm.prompt import prompt_format
     from agent.memory.plan import plan
 
@@ -76,7 +77,7 @@ def check_model(cfg: Config, report: Report) -> bool | None:
     except ModelFileError as exc:
         report.line("model", str(exc), ExitCode.EX_NOINPUT if exc.missing else ExitCode.EX_DATAERR)
         return None
-    chosen = plan(info, cfg.model, cfg.memory, projector=sized or projector)
+    chosen = plan(info, cfg.model, cfg.memory, projector=sized or projector, speech=speech_bytes(cfg, projector))
     print("\n".join(chosen.lines()))
     if chosen.chosen is None:
         report.line("memory", "nothing fits the budget: run refuses to load it (see the plan above)",

@@ -41,9 +41,6 @@ class Backend(Protocol):
 
     def release_projector(self, why: str = "") -> bool: ...
 
-    def tick(self) -> None:
-        """Called about once a second while the worker is idle (the projector's lifetime)."""
-
     def close(self) -> None: ...
 
 
@@ -141,10 +138,9 @@ class Engine:
     def _work(self) -> None:
         while True:
             try:
-                item = self._queue.get(timeout=1.0)
+                item = self._queue.get(timeout=None if self.projector_idle is None else 1.0)
             except queue.Empty:
                 self._release_idle_projector()
-                self.model.tick()
                 continue
             if item is _STOP:
                 return
@@ -163,7 +159,7 @@ class Engine:
                                              on_delta=functools.partial(sink.on_delta, request),
                                              cancel=Either(self._cancel, request.cancel))
                 if self.conversation is not None and request.remember and result.stop != StopReason.CANCELLED:
-                    self.conversation.record(request.text, result.text)
+                    self.conversation.record(request.text, result.text, request.media)
                 self.last_result = result
                 self.turns_served += 1
                 sink.on_result(request, result)
@@ -208,12 +204,15 @@ class Engine:
 
     def _turns(self, request: Request) -> list[Turn]:
         """The conversation so far plus this question, dropping the oldest exchanges until the answer fits."""
-        question = Turn("user", request.text)
+        question = Turn("user", request.text, tuple(request.media))
         if self.conversation is None:
             return [question]
         budget = request.max_tokens or self.model.cfg.max_tokens
         while True:
-            turns = [*self.conversation.history(), question]
+            history = self.conversation.history()
+            if any(m.kind == "image" for m in request.media):  # a new picture replaces the one talked about
+                history = [Turn(t.role, t.text) for t in history]
+            turns = [*history, question]
             if self.model.fits(turns, request.system, budget):
                 return turns
             if not self.conversation.forget_oldest():

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 
-from agent.config import Config
+from agent.config import Config, ConfigError
 from agent.contract.exitcodes import ExitCode
-from agent.gguf import ModelFileError, verify
+from agent.gguf import GgufInfo, ModelFileError, verify
 from agent.llm.engine import Backend
 from agent.llm.input_size import projector_for
 from agent.llm.local import LocalModel, ModelLoadError
+from agent.memory.estimate import whisper_bytes
 from agent.memory.plan import plan
 from agent.memory.shape import MemoryPlanError
+from agent.turns.speech import speech_route
 from agent.turns.types import MediaSupport
 
 log = logging.getLogger("agent.llm")
@@ -39,7 +42,7 @@ def load_model(cfg: Config) -> LocalModel:
             log.info("projector: %s encodes at %d px", model_cfg.mmproj, cfg.camera.input_size)
     projector = verify(model_cfg.mmproj) if model_cfg.mmproj else None
     try:  # the load setting that fits the memory budget (bench/RESULTS.md), or a refusal with the table
-        chosen = plan(info, model_cfg, cfg.memory, projector=projector)
+        chosen = plan(info, model_cfg, cfg.memory, projector=projector, speech=speech_bytes(cfg, projector))
     except MemoryPlanError as exc:
         raise ModelLoadError(str(exc)) from None
     if chosen.chosen is None:
@@ -47,6 +50,17 @@ def load_model(cfg: Config) -> LocalModel:
     for line in chosen.lines(rows=4):
         log.info("%s", line)
     return LocalModel(model_cfg, plan=chosen)
+
+
+def speech_bytes(cfg: Config, projector: GgufInfo | None) -> int:
+    """What a whisper.cpp model will hold beside the model, when speech will go through one (0 otherwise)."""
+    audio = projector is not None and projector.projector_inputs()[1]
+    try:
+        _native, whisper = speech_route(cfg.listen, cfg.microphone.enabled, MediaSupport(audio=audio))
+    except ConfigError:  # the start refuses it later, with that message
+        return 0
+    path = Path(cfg.whisper.model)
+    return whisper_bytes(path.stat().st_size) if whisper and path.is_file() else 0
 
 
 def open_backend(cfg: Config) -> tuple[Backend, MediaSupport]:

@@ -19,20 +19,25 @@ from agent.contract.codes import AgentError, ErrorCode, StopReason
 from agent.llm import llama_shim
 from agent.llm.engine import must_stop
 from agent.llm.native_logs import route_llama_logs
-from agent.llm.projector import Projector, ProjectorError, Prompt
+from agent.llm.projector import Projector, ProjectorError, Prompt, decode_embeddings
 from agent.llm.prompt import END, ChatTemplate, TemplateProblem, completion_prompt, gemma_prompt, prompt_format
 from agent.memory import apply
 from agent.memory.plan import Plan
-from agent.turns.types import Flag, Request, Result, Turn
+from agent.turns.types import Flag, Media, Request, Result, Turn
 
 log = logging.getLogger("agent.llm")
 
 RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a new seed each turn
-HOLD_PREPARED_S = 20.0  # an on-demand projector kept after a preparation, for the turn it prepared
 
 
 class ModelLoadError(Exception):
     """The model file could not be loaded."""
+
+
+def media_positions(media: Media) -> int:
+    """The positions a media item takes in the context, for fitting a conversation: an image 256 (Gemma's
+    projectors), audio 25 a second (Gemma 4's) and some slack."""
+    return 256 if media.kind == "image" else int(len(media.data) / 16000 * 25) + 8
 
 
 def one_line(pieces: list[str], text: str) -> tuple[str, bool]:
@@ -96,7 +101,6 @@ class LocalModel:
         self.threads = threads
         self._projector: Projector | None = None
         self.projector_used = 0.0
-        self._held_until = 0.0  # an on-demand projector kept after a preparation until then
         self._load_s = self._encode_s = 0.0  # this turn's projector load and encode time
         # False when the memory plan loads the projector for each image and frees it before decoding
         self.projector_resident = plan is None or plan.chosen is None or plan.chosen.setting.projector_resident
@@ -174,8 +178,10 @@ class LocalModel:
         return str(self.llm.metadata.get("general.name", "Gemma"))
 
     def fits(self, turns: list[Turn], system: str | None, budget: int) -> bool:
-        """Whether these turns plus an answer of `budget` tokens fit the context window."""
-        return len(self.tokenize(self.render(turns, system))) + budget <= self.n_ctx
+        """Whether these turns (their media counted by media_positions) plus an answer of `budget` tokens fit the
+        context window."""
+        media = sum(media_positions(m) for t in turns for m in t.media)
+        return len(self.tokenize(self.render(turns, system))) + media + budget <= self.n_ctx
 
     def render(self, turns: list[Turn], system: str | None = None) -> str:
         system = self.cfg.system_prompt if system is None else system
@@ -209,15 +215,17 @@ class LocalModel:
 
     def generate(self, request: Request, turns: list[Turn] | None = None,
                  on_delta: Callable[[str, int], None] | None = None, cancel: Flag | None = None) -> Result:
-        """Run one turn; `turns` defaults to the request's text as the only user turn."""
+        """Run one turn; `turns` (the conversation, the question last, media on the turns that show them)
+        defaults to the request's text and media as the only user turn."""
         cfg = self.cfg
         started = time.monotonic()
         deadline = started + cfg.deadline
         self._load_s = self._encode_s = 0.0
-        if not request.media and self._projector is not None and not self.projector_resident:
+        turns = list(turns or [Turn("user", request.text, tuple(request.media))])
+        shown = any(t.media for t in turns)
+        if not shown and self._projector is not None and not self.projector_resident:
             self.release_projector("a text turn: the memory plan has no room for it beside decoding")
-        turns = list(turns or [Turn("user", request.text)])
-        prompt = self._media_prompt(request, turns) if request.media else None
+        prompt = self._media_prompt(turns, request.system) if shown else None
         tokens = prompt.tokens if prompt is not None else self.tokenize(self.render(turns, request.system))
         try:
             return self._run(request, tokens, prompt, started, deadline, on_delta, cancel)
@@ -227,12 +235,11 @@ class LocalModel:
 
     def prepare(self, request: Request, turns: list[Turn]) -> None:
         """Evaluate the prompt up to and including the request's media (its text is not known yet: a speech turn
-        prepared at speech onset), so the turn finds them in the KV cache and evaluates only its question. An
-        on-demand projector is kept for that turn, at most HOLD_PREPARED_S seconds (`tick`)."""
+        prepared at speech onset), so the turn finds them in the KV cache and evaluates only its question."""
         if not request.media:
             return
-        turns = [*turns[:-1], Turn("user", "")]
-        prompt = self._media_prompt(request, turns)
+        turns = [*turns[:-1], Turn("user", "", tuple(request.media))]
+        prompt = self._media_prompt(turns, request.system)
         self._abort_deadline, self._abort_event = time.monotonic() + self.cfg.deadline, request.cancel
         self._set_abort(llama_shim.context_handle(self.llm), self._abort_cb, None)
         try:
@@ -246,18 +253,16 @@ class LocalModel:
         finally:
             self._set_abort(llama_shim.context_handle(self.llm), self._no_abort_cb, None)
             prompt.close()
-        self._held_until = time.monotonic() + HOLD_PREPARED_S
+            if not self.projector_resident:
+                self.release_projector("an on-demand plan")
 
-    def tick(self) -> None:
-        if self._projector is not None and not self.projector_resident and time.monotonic() > self._held_until:
-            self.release_projector("the prepared turn did not come")
-
-    def _media_prompt(self, request: Request, turns: list[Turn]) -> Prompt:
-        """The prompt cut into text and media pieces (one marker per media item, before the question)."""
+    def _media_prompt(self, turns: list[Turn], system: str | None) -> Prompt:
+        """The prompt cut into text and media pieces: each turn's media (a marker each, before its text)."""
         projector = self.projector()
-        turns[-1] = Turn("user", projector.marker * len(request.media) + turns[-1].text)
+        marked = [Turn(t.role, projector.marker * len(t.media) + t.text) for t in turns]
+        media = [m for t in turns for m in t.media]
         try:
-            return projector.prompt(self.render(turns, request.system), request.media)
+            return projector.prompt(self.render(marked, system), media)
         except ProjectorError as exc:
             raise AgentError(ErrorCode.PROJECTOR_ERROR, str(exc)) from None
 
@@ -346,29 +351,40 @@ class LocalModel:
 
         Media pieces stand in the token bookkeeping as a run of one negative pseudo-token derived from their
         content, so an identical image is reused and a different one never is; `llm.generate` then finds the
-        whole prefix cached and evaluates only the final text.
+        whole prefix cached and evaluates only the final text. Under an on-demand plan the projector is freed
+        as soon as the last image is encoded: the model's weights need that memory back to evaluate it (with
+        both resident, evaluating 256 image tokens of E2B under 2 GiB took 12 s instead of 4).
         """
         llm = self.llm
-        tokens = prompt.tokens
-        keep = self.cached_prefix(tokens)
+        keep = self.cached_prefix(prompt.tokens)
         pos = 0
         for piece in prompt.pieces:  # never keep half of a media chunk
             if piece.kind != "text" and pos < keep < pos + len(piece.tokens):
                 keep = pos
             pos += len(piece.tokens)
         llama_shim.keep_prefix(llm, keep)
-        pos = 0
+        todo, pos = [], 0
         for piece in prompt.pieces[:-1]:
-            end = pos + len(piece.tokens)
-            if end > keep:
-                if piece.kind == "text":
-                    llm.eval(piece.tokens[max(0, keep - pos):])
-                else:
-                    new_n_past, encode_s = self.projector().evaluate(piece, llama_shim.context_handle(llm),
-                                                                     llm.n_tokens, llm.n_batch)
-                    self._encode_s += encode_s
-                    llama_shim.record_media(llm, piece.tokens[0], new_n_past)
-            pos = end
+            if pos + len(piece.tokens) > keep:
+                todo.append((piece, max(0, keep - pos)))
+            pos += len(piece.tokens)
+        last_media = max((i for i, (piece, _) in enumerate(todo) if piece.kind != "text"), default=-1)
+        for i, (piece, skip) in enumerate(todo):
+            if piece.kind == "text":
+                llm.eval(piece.tokens[skip:])
+                continue
+            lctx = llama_shim.context_handle(llm)
+            encoded = self.projector().encode(piece)
+            if encoded is None:  # audio, M-RoPE: libmtmd encodes and evaluates in one call
+                began = time.monotonic()
+                new_n_past = self.projector().evaluate(piece, lctx, llm.n_tokens, llm.n_batch)
+                self._encode_s += time.monotonic() - began
+            else:
+                self._encode_s += encoded.seconds
+                if i == last_media and not self.projector_resident:
+                    self.release_projector("an on-demand plan: freed before the image is evaluated")
+                new_n_past = decode_embeddings(lctx, encoded, llm.n_tokens, llm.n_batch)
+            llama_shim.record_media(llm, piece.tokens[0], new_n_past)
 
     def close(self) -> None:
         self.llm.close()

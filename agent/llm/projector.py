@@ -58,10 +58,51 @@ class Prompt:
             self._chunks = None
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """An image's embeddings, out of the encoder: (tokens, n_embd) float32."""
+
+    embd: np.ndarray
+    n_pos: int  # positions it takes in the context
+    non_causal: bool  # its tokens attend to each other both ways (Gemma)
+    seconds: float  # the encoder's time
+
+
+def decode_embeddings(lctx: Any, encoded: Encoded, n_past: int, n_batch: int) -> int:
+    """Evaluate encoded image embeddings into the KV cache at n_past (sequence 0), n_batch at a time, the way
+    libmtmd's helper does for models without M-RoPE; returns the new n_past."""
+    import llama_cpp
+
+    n_tokens, n_embd = encoded.embd.shape
+    embd = np.ascontiguousarray(encoded.embd, dtype=np.float32)
+    batch = llama_cpp.llama_batch_init(n_batch, n_embd, 1)
+    if encoded.non_causal:
+        llama_cpp.llama_set_causal_attn(lctx, False)
+    try:
+        for start in range(0, n_tokens, n_batch):
+            n = min(n_batch, n_tokens - start)
+            ctypes.memmove(batch.embd, embd[start:start + n].ctypes.data, n * n_embd * 4)
+            for i in range(n):
+                batch.pos[i] = n_past + start + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 0
+            batch.n_tokens = n
+            rc = llama_cpp.llama_decode(lctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode of the image embeddings failed (code {rc})")
+    finally:
+        if encoded.non_causal:
+            llama_cpp.llama_set_causal_attn(lctx, True)
+        llama_cpp.llama_batch_free(batch)
+    return n_past + encoded.n_pos
+
+
 class Projector:
     """An mmproj loaded for a text model (`model`: its llama_model pointer, from llama_shim.model_handle)."""
 
     def __init__(self, path: str, model: Any, threads: int, use_gpu: bool = False) -> None:
+        import llama_cpp
         from llama_cpp import mtmd_cpp as mtmd
 
         self.mtmd = mtmd
@@ -79,6 +120,7 @@ class Projector:
         self.audio = bool(mtmd.mtmd_support_audio(self.ctx))
         self.sample_rate = int(mtmd.mtmd_get_audio_sample_rate(self.ctx)) if self.audio else 0
         self.marker = mtmd.mtmd_default_marker().decode()
+        self.n_embd = int(llama_cpp.llama_model_n_embd(model))
         log.info("projector loaded: %s (vision %s, audio %s)", path, self.vision, self.audio)
 
     def prompt(self, text: str, media: list[Media]) -> Prompt:
@@ -140,27 +182,30 @@ class Projector:
                                     int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))))
         return pieces
 
-    def evaluate(self, piece: Piece, lctx: Any, n_past: int, n_batch: int) -> tuple[int, float]:
-        """Encode a media piece and decode its embeddings at n_past; returns the new n_past and the seconds the
-        encoder took (an image's; audio is encoded and decoded in one call, all counted as encoding)."""
+    def encode(self, piece: Piece) -> Encoded | None:
+        """Run the encoder on an image piece and keep its embeddings apart from libmtmd, so the projector can be
+        freed before they are evaluated (the on-demand memory plan); None for what `evaluate` must do in one call
+        (audio, and models with M-RoPE positions)."""
         mtmd = self.mtmd
-        new_n_past = ctypes.c_int32(n_past)
+        if piece.kind != "image" or mtmd.mtmd_decode_use_mrope(self.ctx):
+            return None
         began = time.monotonic()
-        if piece.kind != "image":
-            rc = mtmd.mtmd_helper_eval_chunk_single(self.ctx, lctx, piece.chunk, n_past, 0, n_batch, False,
-                                                    ctypes.byref(new_n_past))
-            if rc != 0:
-                raise RuntimeError(f"libmtmd could not evaluate the {piece.kind} (code {rc})")
-            return int(new_n_past.value), time.monotonic() - began
         if mtmd.mtmd_encode_chunk(self.ctx, piece.chunk) != 0:
             raise RuntimeError("libmtmd could not encode the image")
-        encoded = time.monotonic() - began
-        rc = mtmd.mtmd_helper_decode_image_chunk(self.ctx, lctx, piece.chunk, mtmd.mtmd_get_output_embd(self.ctx),
-                                                 n_past, 0, n_batch, ctypes.byref(new_n_past),
-                                                 mtmd.mtmd_helper_post_decode_callback(), None)
+        n_tokens = int(mtmd.mtmd_input_chunk_get_n_tokens(piece.chunk))
+        out = ctypes.cast(mtmd.mtmd_get_output_embd(self.ctx), ctypes.POINTER(ctypes.c_float))
+        embd = np.ctypeslib.as_array(out, shape=(n_tokens * self.n_embd,)).reshape(n_tokens, self.n_embd).copy()
+        return Encoded(embd, int(mtmd.mtmd_input_chunk_get_n_pos(piece.chunk)),
+                       bool(mtmd.mtmd_decode_use_non_causal(self.ctx, piece.chunk)), time.monotonic() - began)
+
+    def evaluate(self, piece: Piece, lctx: Any, n_past: int, n_batch: int) -> int:
+        """Encode a media piece and decode its embeddings at n_past in one libmtmd call; returns the new n_past."""
+        new_n_past = ctypes.c_int32(n_past)
+        rc = self.mtmd.mtmd_helper_eval_chunk_single(self.ctx, lctx, piece.chunk, n_past, 0, n_batch, False,
+                                                     ctypes.byref(new_n_past))
         if rc != 0:
-            raise RuntimeError(f"libmtmd could not evaluate the image (code {rc})")
-        return int(new_n_past.value), encoded
+            raise RuntimeError(f"libmtmd could not evaluate the {piece.kind} (code {rc})")
+        return int(new_n_past.value)
 
     def close(self) -> None:
         if self.ctx:

@@ -57,9 +57,6 @@ class RemoteModel:
     def prepare(self, request: Request, turns: list[Turn]) -> None:
         """The server keeps its own cache: nothing to prepare here."""
 
-    def tick(self) -> None:
-        pass
-
     def close(self) -> None:
         pass
 
@@ -93,12 +90,15 @@ class RemoteModel:
     def messages(self, request: Request, turns: list[Turn]) -> list[dict[str, Any]]:
         system = request.system if request.system is not None else self.cfg.system_prompt
         out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-        for turn in turns[:-1]:
-            out.append({"role": "assistant" if turn.role == "model" else "user", "content": turn.text})
-        parts: list[dict[str, Any]] = [_media_part(m) for m in request.media]
-        if turns[-1].text:
-            parts.append({"type": "text", "text": turns[-1].text})
-        out.append({"role": "user", "content": parts if request.media else turns[-1].text})
+        for turn in turns:
+            role = "assistant" if turn.role == "model" else "user"
+            if not turn.media:
+                out.append({"role": role, "content": turn.text})
+                continue
+            parts: list[dict[str, Any]] = [_media_part(m) for m in turn.media]
+            if turn.text:
+                parts.append({"type": "text", "text": turn.text})
+            out.append({"role": role, "content": parts})
         return out
 
     def generate(self, request: Request, turns: list[Turn] | None = None,
@@ -113,7 +113,7 @@ class RemoteModel:
             self.projector_used = time.monotonic()
         body = {
             "model": self.remote.model or "default", "stream": True,
-            "messages": self.messages(request, list(turns or [Turn("user", request.text)])),
+            "messages": self.messages(request, list(turns or [Turn("user", request.text, tuple(request.media))])),
             "max_tokens": request.max_tokens or cfg.max_tokens, "temperature": cfg.temperature,
             "top_p": cfg.top_p, "top_k": cfg.top_k, "min_p": cfg.min_p, "repeat_penalty": cfg.repeat_penalty,
             "stream_options": {"include_usage": True},

@@ -42,6 +42,9 @@ CALIBRATION: dict[str, float] = {
     # bytes): MobileNetV5-300M at 768 x 768 measured ~560 MiB on top of its weights
     "vision_stage0_activations": 7.8,
     "vision_bytes_per_pixel": 960,  # projectors without MobileNetV5 stage-0 tensors
+    # whisper.cpp (speech-to-text beside the model): its weights are read into anonymous memory, plus encoder and
+    # decoder buffers; a whisper base.en-shaped model (141 MiB file) holds 240 MiB after a transcription
+    "whisper_anon_per_file_byte": 1.7,
 }
 
 
@@ -76,6 +79,7 @@ class Estimate:
     projector: int = 0  # projector weights kept resident (0 when loaded for each image)
     projector_transient: int = 0  # added while an image is encoded: its compute (+ its weights when on demand)
     baseline: int = 0  # the Python process before the model
+    speech: int = 0  # a speech-to-text model loaded beside it (whisper.cpp)
     fixed: int = 0
     mapped_file: int = 0  # model file bytes mapped once loaded (uncapped RssFile growth)
     hot_file: int = 0  # model-file bytes read for every decoded token
@@ -87,7 +91,7 @@ class Estimate:
     @property
     def anon(self) -> int:
         return (self.repacked + self.kv + self.compute + self.vocab + self.projector + self.baseline
-                + self.fixed)
+                + self.fixed + self.speech)
 
     @property
     def need(self) -> int:
@@ -97,13 +101,15 @@ class Estimate:
 
 
 def estimate(info: GgufInfo, setting: Setting, cpu: Cpu | None = None, baseline: int | None = None,
-             projector: GgufInfo | None = None, n_tokens: int | None = None, n_kv: int | None = None) -> Estimate:
+             projector: GgufInfo | None = None, n_tokens: int | None = None, n_kv: int | None = None,
+             speech: int = 0) -> Estimate:
     """Predict the memory of `info` loaded with `setting`. `n_tokens` (default: a full ubatch) and `n_kv` (default:
     the whole context) size the compute buffer; `baseline` defaults to this process's anonymous memory now."""
     cpu = cpu or Cpu.detect()
     shape = Shape.of(info)
     est = Estimate(setting)
     est.baseline = python_baseline() if baseline is None else baseline
+    est.speech = speech
     cal = CALIBRATION
     tied = not any(t.name == "output.weight" for t in info.tensors)
     for t in info.tensors:
@@ -209,6 +215,11 @@ def projector_bytes(info: GgufInfo) -> tuple[int, int]:
         widest = (size // 4) ** 2 * max(stage0) * 4
         return weights, int(CALIBRATION["vision_stage0_activations"] * widest)
     return weights, int(CALIBRATION["vision_bytes_per_pixel"] * size * size)
+
+
+def whisper_bytes(file_size: int) -> int:
+    """Anonymous memory of a whisper.cpp model of this file size, loaded and transcribing."""
+    return int(CALIBRATION["whisper_anon_per_file_byte"] * file_size)
 
 
 def describe_estimate(e: Estimate) -> dict[str, Any]:

@@ -132,7 +132,8 @@ class Plan:
             out.append(f"memory plan {e.setting.label()} -> {verdict}")
             out.append(f"  anonymous {_mib(e.anon)} MiB = repacked weights {_mib(e.repacked)} + KV cache "
                        f"{_mib(e.kv)} + compute {_mib(e.compute)} + vocabulary {_mib(e.vocab)} + projector "
-                       f"{_mib(e.projector)} + python {_mib(e.baseline)} + other {_mib(e.fixed)}")
+                       f"{_mib(e.projector)} + python {_mib(e.baseline)} + other {_mib(e.fixed)}"
+                       + (f" + speech-to-text {_mib(e.speech)}" if e.speech else ""))
             out.append(f"  file-backed: hot {_mib(e.hot_file)} MiB read per token, "
                        f"{_mib(e.mapped_file - e.hot_file)} MiB cold; {_mib(e.read_per_token)} MiB read per "
                        f"decoded token in all" + ("; cold pages dropped after load" if self.release_cold else ""))
@@ -175,17 +176,18 @@ def _mib(n: int) -> int:
 
 
 def plan(info: GgufInfo, model: ModelConfig, cfg: MemoryConfig, projector: GgufInfo | None = None,
-         cpu: Cpu | None = None, baseline: int | None = None, limit: Budget | None = None) -> Plan:
-    """The fastest setting that fits (auto), or the configured one with its prediction (manual)."""
+         cpu: Cpu | None = None, baseline: int | None = None, limit: Budget | None = None, speech: int = 0) -> Plan:
+    """The fastest setting that fits (auto), or the configured one with its prediction (manual); `speech`: the
+    anonymous bytes of a speech-to-text model that runs beside it (estimate.whisper_bytes)."""
     cpu = cpu or Cpu.detect()
     base = python_baseline() if baseline is None else baseline
     limit = limit or budget(cfg)
     notes: list[str] = []
     if cfg.mode == "manual":
-        table = [estimate(info, manual_setting(model, cfg), cpu, base, projector)]
+        table = [estimate(info, manual_setting(model, cfg), cpu, base, projector, speech=speech)]
         chosen: Estimate | None = table[0]
     else:
-        table = [estimate(info, s, cpu, base, projector)
+        table = [estimate(info, s, cpu, base, projector, speech=speech)
                  for s in candidates(model, cfg, cpu, info, projector is not None)]
         chosen = next((e for e in table if e.need <= limit.usable), None)
     result = Plan(info.path, limit, chosen, table, cfg.mode, notes=notes)
@@ -197,12 +199,12 @@ def plan(info: GgufInfo, model: ModelConfig, cfg: MemoryConfig, projector: GgufI
         notes.append(f"  faster settings need more than {_mib(limit.usable)} MiB (first: "
                      f"{table[0].setting.label()}, {_mib(table[0].need)} MiB)")
     if chosen is None:
-        notes.extend(what_would_fit(info, model, cfg, projector, cpu, base, limit, table))
+        notes.extend(what_would_fit(info, model, cfg, projector, cpu, base, limit, table, speech))
     return result
 
 
 def what_would_fit(info: GgufInfo, model: ModelConfig, cfg: MemoryConfig, projector: GgufInfo | None, cpu: Cpu,
-                   baseline: int, limit: Budget, table: list[Estimate]) -> list[str]:
+                   baseline: int, limit: Budget, table: list[Estimate], speech: int = 0) -> list[str]:
     """For a refusal: the nearest changes that would fit (a smaller context, a q8_0 KV cache, the projector loaded
     per image), and the limit the model needs as configured, or that a smaller quantization is needed."""
     out = []
@@ -218,7 +220,7 @@ def what_would_fit(info: GgufInfo, model: ModelConfig, cfg: MemoryConfig, projec
                                                            n_batch=min(model.n_batch, n_ctx)), cfg))
         n_ctx //= 2
     for label, m, c in variants:
-        setting = next((e for e in (estimate(info, s, cpu, baseline, projector)
+        setting = next((e for e in (estimate(info, s, cpu, baseline, projector, speech=speech)
                                     for s in candidates(m, replace(c, mode="auto"), cpu, info, projector is not None))
                         if e.need <= limit.usable), None)
         if setting is not None:

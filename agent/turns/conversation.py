@@ -1,5 +1,6 @@
 """Conversation history: the last exchanges, kept while they fit the context, forgotten after a quiet spell
-(conversation.idle_reset) or on a `reset` command. Only text is kept: images and audio are not re-sent."""
+(conversation.idle_reset) or on a `reset` command. The newest exchange keeps its image, so a follow-up question
+is about the same picture (and finds it in the KV cache); older exchanges keep only their text."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent.turns.types import Turn
+from agent.turns.types import Media, Turn
 
 
 class Conversation:
@@ -26,12 +27,14 @@ class Conversation:
                 self._exchanges.clear()
             return [turn for pair in self._exchanges for turn in pair]
 
-    def record(self, question: str, answer: str) -> None:
+    def record(self, question: str, answer: str, media: tuple[Media, ...] | list[Media] = ()) -> None:
         with self._lock:
             self._last = self._clock()
             if self.max_exchanges == 0 or not answer.strip():
                 return
-            self._exchanges.append((Turn("user", question), Turn("model", answer.strip())))
+            self._exchanges = [(Turn("user", q.text), a) for q, a in self._exchanges]  # one picture in context
+            images = tuple(m for m in media if m.kind == "image")
+            self._exchanges.append((Turn("user", question, images), Turn("model", answer.strip())))
             del self._exchanges[: -self.max_exchanges]
 
     def forget_oldest(self) -> bool:

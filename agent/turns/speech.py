@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -70,9 +70,11 @@ class SpeechToText:
         from pywhispercpp.model import Model
 
         try:
+            limits: dict[str, Any] = {"max_tokens": cfg.max_tokens} if cfg.max_tokens else {}
             self.model = Model(str(path), redirect_whispercpp_logs_to=None, n_threads=threads,
                                language=cfg.language, print_progress=False, print_realtime=False,
-                               print_timestamps=False, no_context=True, single_segment=False)
+                               print_timestamps=False, no_context=True, single_segment=False,
+                               temperature_inc=0.2 if cfg.temperature_fallback else 0.0, **limits)
         except Exception as exc:  # pywhispercpp raises bare RuntimeErrors and the like on a bad file
             raise SpeechToTextError(f"{cfg.model}: whisper.cpp could not load it: {exc}") from None
         self._lock = threading.Lock()

@@ -23,14 +23,6 @@ def new_id() -> str:
 
 
 @dataclass(frozen=True)
-class Turn:
-    """One message of a conversation."""
-
-    role: Role
-    text: str
-
-
-@dataclass(frozen=True)
 class Media:
     """One image (RGB uint8, HxWx3) or one audio clip (int16 or float32 mono at the projector's rate)."""
 
@@ -42,6 +34,15 @@ class Media:
         """A negative pseudo-token that stands for this exact content in the engine's token bookkeeping."""
         digest = hashlib.blake2b(np.ascontiguousarray(self.data).tobytes(), digest_size=4).digest()
         return -1 - (int.from_bytes(digest, "little") & 0x3FFFFFFF)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of a conversation."""
+
+    role: Role
+    text: str
+    media: tuple[Media, ...] = ()  # images / audio shown with this turn, before its text
 
 
 @dataclass(frozen=True)

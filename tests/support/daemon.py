@@ -20,7 +20,9 @@ class DaemonProcess:
     running: ClassVar[list[DaemonProcess]] = []  # every started daemon, so a failed test cannot leak one (see conftest)
 
     def __init__(self, broker_port: int, model: Path, *overrides: str, config: Path | None = None,
-                 cwd: Path = ROOT, device_id: str | None = None) -> None:
+                 cwd: Path = ROOT, device_id: str | None = None, cgroup: Path | None = None) -> None:
+        """`cgroup`: a cgroup.procs file the daemon joins before it starts (so all it loads is charged there)."""
+        self.cgroup = cgroup
         self.device_id = device_id or f"t{uuid.uuid4().hex[:8]}"
         self.state_dir = Path(tempfile.mkdtemp(prefix="gemma-agent-state-"))
         self.base = f"gemma_agent/{self.device_id}"
@@ -39,12 +41,15 @@ class DaemonProcess:
         self._lines: list[str] = []
         self._reader: threading.Thread | None = None
 
-    def start(self, client: Client | None, wait_online: bool = True) -> None:
+    def start(self, client: Client | None, wait_online: bool = True, timeout: float = 60) -> None:
         """Start the daemon; `client` (needed to wait until it is online) must already be subscribed to the
         daemon's topics."""
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(agent_cmd(*self.args, "run"), cwd=self.cwd, env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        command = agent_cmd(*self.args, "run")
+        if self.cgroup is not None:
+            command = ["sh", "-c", f'echo $$ > "{self.cgroup}" && exec "$@"', "join-cgroup", *command]
+        self.proc = subprocess.Popen(command, cwd=self.cwd, env=env, text=True, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
         # Read the log as it comes, as journald would: an unread pipe fills after ~64 KiB and the daemon's next
         # log line then blocks whichever thread writes it (a long soak stalled that way at turn ~400).
         self._lines = []
@@ -53,7 +58,7 @@ class DaemonProcess:
         DaemonProcess.running.append(self)
         if wait_online:
             assert client is not None
-            client.wait_for(f"{self.base}/availability", lambda m: m.payload == b"online", timeout=60)
+            client.wait_for(f"{self.base}/availability", lambda m: m.payload == b"online", timeout=timeout)
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None

@@ -1,0 +1,200 @@
+"""The answer about the scene, on the real model shape under the memory cap, through the daemon over MQTT.
+
+Same-shape synthetic Gemma 3n E2B Q4_K_M (the published recipe) + MobileNetV5-300M-shaped projector (F16), from
+`python -m bench.synth_gemma3n E2B --types Q4_K_M --recipes published --vision`; a whisper base.en-shaped model
+(random weights, its decode capped by whisper.max_tokens); the daemon in a memory cgroup of --limit-mib (root:
+made here, page cache dropped first so the model's pages are charged to it); camera = a looping video of a moving
+square; microphone = a WAV of spoken questions replayed in real time. Random weights: speed and memory carry over
+to the real model, answer quality does not.
+
+Scenarios, each --rounds times, one JSON line per stage with the median (min-max):
+  describe_<size>   `describe` of a new frame at each camera.input_size: projector load, encode, image eval,
+                    prefill of the rest, first token; request published -> first streamed token received
+  speech            a spoken question, no frame: VAD hangover, speech-to-text, queue, prefill, publish; end of
+                    speech -> first streamed token
+  speech_frame      the same carrying the frame (vision.attach always): the frame is encoded at speech onset
+  follow_up         an ask (no image of its own) right after a describe's answer: the conversation keeps the
+                    frame, and its KV
+plus the cgroup's peak and its OOM kills, and the engine against llama-cpp-python's MTMDChatHandler (no cap).
+
+    sudo .venv/bin/python -m bench.scene_latency [--rounds 3] [--sizes 256,512,768] [--scenarios ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.memory_cap import Cgroup
+from tests.support import synth
+from tests.support.daemon import DaemonProcess
+from tests.support.media import compose, espeak, moving_square, speech_extent, write_video, write_wav
+from tests.support.mqtt import Broker, Client, payload_json
+
+SYNTH = Path.home() / ".cache" / "gemma-agent" / "synth"
+TEXT = SYNTH / "gemma3n-e2b-synthetic-q4_k_m-published.gguf"
+PROJECTOR = SYNTH / "gemma3n-mobilenetv5-300m-synthetic-f16.gguf"
+WHISPER = SYNTH / "whisper-base.en-shaped-f16.bin"
+BASE_EN = synth.WhisperShape(n_state=512, n_head=8, n_audio_layer=6, n_text_layer=6)
+QUESTIONS = ["What is at the front door?", "Is anyone in the garden?", "What colour is the car outside?",
+             "Who is standing on the porch?", "Is the gate open?"]
+
+
+def emit(scenario: str, stage: str, values: list[float], unit: str = "ms", **extra: Any) -> None:
+    if not values:
+        return
+    print(json.dumps({"bench": "scene_latency", "scenario": scenario, "stage": stage, "unit": unit,
+                      "median": round(statistics.median(values), 1), "min": round(min(values), 1),
+                      "max": round(max(values), 1), "n": len(values), **extra}), flush=True)
+
+
+class Stamped(Client):
+    """A client that notes when each request's first streamed token arrived (wall clock)."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.first: dict[str, float] = {}
+        self.client.on_message = self._stamp
+
+    def _stamp(self, c: Any, u: Any, msg: Any) -> None:
+        if msg.topic.endswith("/response/stream"):
+            self.first.setdefault(json.loads(msg.payload)["id"], time.time())
+        self._on_message(c, u, msg)
+
+
+class Run:
+    """One daemon in the cgroup, with a client subscribed to it."""
+
+    def __init__(self, args: argparse.Namespace, broker: Broker, *overrides: str) -> None:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")  # the model's pages are then charged to the cgroup
+        self.cgroup = Cgroup(f"gemma-agent-scene-{os.getpid()}", args.limit_mib << 20)
+        self.daemon = DaemonProcess(broker.port, TEXT, f"model.mmproj={PROJECTOR}", "model.max_tokens=16",
+                                    "health.interval=5", f"memory.limit_mib={args.limit_mib}", *overrides,
+                                    cgroup=Path(self.cgroup.join_file()))
+        self.client = Stamped(broker.port)
+        self.client.subscribe(f"{self.daemon.base}/#")
+        self.daemon.start(self.client, timeout=300)
+
+    def close(self, scenario: str) -> None:
+        self.daemon.stop()
+        self.client.close()
+        emit(scenario, "cgroup_peak", [(self.cgroup.peak() or 0) / 2**20], "MiB")
+        emit(scenario, "oom_kills", [float(self.cgroup.oom_kills() - self.cgroup.oom_before)], "count")
+        self.cgroup.remove()
+
+
+def response(run: Run, request_id: str, timeout: float = 240) -> dict[str, Any]:
+    msg = run.client.wait_for(f"{run.daemon.base}/response", lambda m: payload_json(m)["id"] == request_id,
+                              timeout=timeout)[0]
+    return dict(payload_json(msg))
+
+
+def model_stages(body: dict[str, Any], into: dict[str, list[float]]) -> None:
+    load, media, encode = body["projector_load_ms"], body["media_ms"], body["encode_ms"]
+    for name, value in (("queue", body["queue_ms"]), ("projector_load", load), ("encode", encode),
+                        ("image_eval", media - encode), ("prefill_rest", body["ttft_ms"] - media - load),
+                        ("decode_tps", body["decode_tps"])):
+        into.setdefault(name, []).append(value)
+
+
+def describe(args: argparse.Namespace, broker: Broker, video: Path, size: int) -> None:
+    run = Run(args, broker, "camera.enabled=true", f"camera.source={video}", f"camera.input_size={size}")
+    stages: dict[str, list[float]] = {}
+    try:
+        for r in range(args.rounds):
+            sent = time.time()
+            run.client.publish(f"{run.daemon.base}/describe", {"id": f"d{size}-{r}"})
+            body = response(run, f"d{size}-{r}")
+            model_stages(body, stages)
+            stages.setdefault("first_token_received", []).append((run.client.first[body["id"]] - sent) * 1000)
+            if r == 0 and args.follow_up:  # a follow-up question on the frame just described
+                sent = time.time()
+                run.client.publish(f"{run.daemon.base}/ask", {"id": f"f{size}", "text": "Is it a person?"})
+                follow = response(run, f"f{size}")
+                emit("follow_up", "first_token_received", [(run.client.first[f"f{size}"] - sent) * 1000],
+                     size=size, image_tokens=follow["tokens"]["image"], cached=follow["tokens"]["cached"],
+                     encode_ms=follow["encode_ms"])
+    finally:
+        run.close(f"describe_{size}")
+    for stage, values in stages.items():
+        emit(f"describe_{size}", stage, values, "tok/s" if stage == "decode_tps" else "ms")
+
+
+def speech(args: argparse.Namespace, broker: Broker, video: Path, wav: Path, frame: bool) -> None:
+    scenario = "speech_frame" if frame else "speech"
+    run = Run(args, broker, "camera.enabled=true", f"camera.source={video}", "camera.input_size=256",
+              "microphone.enabled=true", f"microphone.source={wav}", f"whisper.model={WHISPER}",
+              "whisper.max_tokens=12", "whisper.temperature_fallback=false", "vision.max_frame_age=30",
+              f"vision.attach={'always' if frame else 'on_request'}")
+    stages: dict[str, list[float]] = {}
+    try:
+        finals = run.client.wait_for(f"{run.daemon.base}/response", count=args.rounds, timeout=600)
+        transcripts = {payload_json(m)["id"]: payload_json(m) for m in run.client.on(f"{run.daemon.base}/transcript")}
+        for msg in finals:
+            body = payload_json(msg)
+            heard = transcripts[body["id"]]
+            model_stages(body, stages)
+            stages.setdefault("vad_hangover", []).append((heard["emitted"] - heard["end"]) * 1000)
+            stages.setdefault("stt", []).append(heard["stt_ms"])
+            stages.setdefault("end_of_speech_to_first_token", []).append(
+                (run.client.first[body["id"]] - heard["end"]) * 1000)
+        health = payload_json(run.client.wait_for(f"{run.daemon.base}/health")[-1])
+        print(json.dumps({"bench": "scene_latency", "scenario": scenario, "speech_turns": health["speech_turns"],
+                          "prepared": health["prepared"]}), flush=True)
+    finally:
+        run.close(scenario)
+    for stage, values in stages.items():
+        emit(scenario, stage, values, "tok/s" if stage == "decode_tps" else "ms")
+
+
+def questions_wav(path: Path, n: int, gap_s: float) -> Path:
+    clips, at = [], 1.0
+    for i in range(n):
+        clip = espeak(QUESTIONS[i % len(QUESTIONS)])
+        clips.append((at, clip))
+        at += speech_extent(clip)[1] + gap_s
+    pcm, _ = compose(clips, total_s=at + 2.0)
+    return write_wav(path, pcm)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--limit-mib", type=int, default=2048)
+    ap.add_argument("--sizes", default="256,512,768")
+    ap.add_argument("--scenarios", default="describe,speech,speech_frame")
+    ap.add_argument("--no-follow-up", dest="follow_up", action="store_false")
+    args = ap.parse_args()
+    for needed in (TEXT, PROJECTOR):
+        if not needed.exists():
+            raise SystemExit(f"{needed} is missing: python -m bench.synth_gemma3n E2B --types Q4_K_M "
+                             "--recipes published --vision")
+    if not WHISPER.exists():
+        synth.write_whisper_ggml(WHISPER, BASE_EN)
+    scenarios = args.scenarios.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        video = write_video(Path(tmp) / "door.avi", 150, fps=15.0, width=640, height=480, frame=moving_square)
+        broker = Broker(Path(tmp))
+        broker.start()
+        try:
+            if "describe" in scenarios:
+                for size in (int(s) for s in args.sizes.split(",")):
+                    describe(args, broker, video, size)
+            for frame in (False, True):
+                if ("speech_frame" if frame else "speech") in scenarios:
+                    wav = questions_wav(Path(tmp) / "q.wav", args.rounds, gap_s=25.0 if frame else 12.0)
+                    speech(args, broker, video, wav, frame)
+        finally:
+            broker.stop()
+
+
+if __name__ == "__main__":
+    main()
