@@ -123,3 +123,49 @@ def test_speech_to_text_runs_whisper_cpp() -> None:
     stt = SpeechToText(WhisperConfig(model=str(testmodels.tiny_whisper())), 1)
     tone = (np.sin(np.arange(16000) / 5.0) * 6000).astype(np.int16)
     assert isinstance(stt.transcribe(tone), str)  # random weights: the words are nonsense, the path is real
+
+
+def test_a_held_turn_passes_on_in_order_when_confirmed_and_nothing_when_dropped() -> None:
+    """HeldSink: the engine's thread keeps writing while the speech worker confirms; what went out is every
+    call, in the order made."""
+    import threading
+
+    from agent.contract.codes import AgentError, ErrorCode
+    from agent.turns.speech import HeldSink
+    from agent.turns.types import Request
+
+    class Record:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, object]] = []
+
+        def on_delta(self, _r: Request, delta: str, index: int) -> None:
+            self.calls.append(("delta", index))
+
+        def on_result(self, _r: Request, result: object) -> None:
+            self.calls.append(("result", None))
+
+        def on_error(self, _r: Request, error: AgentError) -> None:
+            self.calls.append(("error", error.code))
+
+        def accepted(self, _r: Request) -> None:
+            self.calls.append(("accepted", None))
+
+    out = Record()
+    held, request = HeldSink(out, out), Request(text="q")  # type: ignore[arg-type]  # a recorder, not an Output
+    def write() -> None:
+        for i in range(2000):
+            held.on_delta(request, "x", i)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    held.confirm(request)
+    writer.join()
+    assert out.calls[0] == ("accepted", None)
+    assert [c[1] for c in out.calls[1:]] == list(range(2000))  # every delta, in order, across the switch
+    dropped_out = Record()
+    dropped = HeldSink(dropped_out, dropped_out)  # type: ignore[arg-type]
+    other = Request(text="q2")
+    dropped.on_delta(other, "x", 0)
+    dropped.drop(other)
+    dropped.on_error(other, AgentError(ErrorCode.MODEL_ERROR, "late"))
+    assert dropped_out.calls == [] and other.cancel.is_set()

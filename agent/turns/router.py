@@ -155,6 +155,8 @@ class Router:
         except AgentError as exc:
             if sink is None:
                 self.output.refused(request.id, Source.SPEECH, exc)
+            else:  # held with the speculation: goes out (and settles the request) only if it is confirmed
+                sink.on_error(request, exc)
             return
         self.submit(request, sink)
 

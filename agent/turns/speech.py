@@ -105,6 +105,7 @@ class HeldSink:
     def __init__(self, sink: Sink, output: Output) -> None:
         self.sink, self.output = sink, output
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()  # held while the held calls go out: later ones wait behind them
         self._held: list[Callable[[], None]] = []
         self._state = "held"  # held | passed | dropped
 
@@ -113,8 +114,9 @@ class HeldSink:
             if self._state == "held":
                 self._held.append(call)
                 return
-            passing = self._state == "passed"
-        if passing:
+            if self._state == "dropped":
+                return
+        with self._flushing:
             call()
 
     def on_delta(self, request: Request, delta: str, index: int) -> None:
@@ -129,10 +131,11 @@ class HeldSink:
     def confirm(self, request: Request) -> None:
         """The utterance ended as guessed: journal the request, then pass on what was held and what follows."""
         self.output.accepted(request)
-        with self._lock:
-            held, self._held, self._state = self._held, [], "passed"
-        for call in held:  # in order; the engine's later calls wait on the lock above and come after these
-            call()
+        with self._flushing:
+            with self._lock:
+                held, self._held, self._state = self._held, [], "passed"
+            for call in held:  # in order; the engine's next call waits for _flushing and comes after these
+                call()
 
     def drop(self, request: Request) -> None:
         with self._lock:
