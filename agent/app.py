@@ -23,6 +23,7 @@ from agent.gguf import ModelFileError
 from agent.llm.engine import Backend, Engine
 from agent.llm.loader import exit_code_for, open_backend
 from agent.llm.local import ModelLoadError
+from agent.memory.plan import budget
 from agent.mqtt.client import MqttClient
 from agent.mqtt.discovery import discovery_payload, discovery_topic
 from agent.mqtt.outbox import Outbox
@@ -132,7 +133,7 @@ class Agent:
             (lambda: "loaded" if backend.projector_loaded else "released")
         health = HealthReport(engine, client, outbox, perception, router, watchdog, projector,
                               lambda: speech.mode, lambda: speech.worker.stats() if speech.worker else {},
-                              cfg.memory, time.monotonic())
+                              budget(cfg.memory).limit, time.monotonic())
         return cls(cfg, notifier, backend, engine, outbox, client, output, perception, router, speech, watchdog,
                    health, Heartbeat(), metrics, stopping, activity)
 

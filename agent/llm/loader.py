@@ -35,8 +35,7 @@ def load_model(cfg: Config) -> LocalModel:
     log.info("model file ok: %s (%s, %.1f MiB, %d tensors)", cfg.model.path, info.arch, info.size / 2**20,
              len(info.tensors))
     model_cfg = cfg.model
-    if cfg.model.mmproj:
-        verify(cfg.model.mmproj)
+    if cfg.model.mmproj:  # projector_for checks its header
         model_cfg = replace(cfg.model, mmproj=projector_for(cfg.model.mmproj, cfg.camera.input_size))
         if model_cfg.mmproj != cfg.model.mmproj:
             log.info("projector: %s encodes at %d px", model_cfg.mmproj, cfg.camera.input_size)

@@ -209,6 +209,14 @@ class LocalModel:
             n += 1
         return n
 
+    def _arm_abort(self, deadline: float, cancel: Flag | None) -> None:
+        """llama.cpp stops a decode once `cancel` is set or `deadline` passes (until _disarm_abort)."""
+        self._abort_deadline, self._abort_event = deadline, cancel
+        self._set_abort(llama_shim.context_handle(self.llm), self._abort_cb, None)
+
+    def _disarm_abort(self) -> None:
+        self._set_abort(llama_shim.context_handle(self.llm), self._no_abort_cb, None)
+
     def _should_abort(self, _data: Any) -> bool:
         event = self._abort_event
         return (event is not None and event.is_set()) or time.monotonic() > self._abort_deadline
@@ -240,8 +248,7 @@ class LocalModel:
             return
         turns = [*turns[:-1], Turn("user", "", tuple(request.media))]
         prompt = self._media_prompt(turns, request.system)
-        self._abort_deadline, self._abort_event = time.monotonic() + self.cfg.deadline, request.cancel
-        self._set_abort(llama_shim.context_handle(self.llm), self._abort_cb, None)
+        self._arm_abort(time.monotonic() + self.cfg.deadline, request.cancel)
         try:
             began = time.monotonic()
             self._feed_media(prompt)
@@ -251,7 +258,7 @@ class LocalModel:
             if not self._should_abort(None):
                 raise AgentError(ErrorCode.MODEL_ERROR, f"llama.cpp failed preparing the turn: {exc}") from None
         finally:
-            self._set_abort(llama_shim.context_handle(self.llm), self._no_abort_cb, None)
+            self._disarm_abort()
             prompt.close()
             if not self.projector_resident:
                 self.release_projector("an on-demand plan")
@@ -278,9 +285,8 @@ class LocalModel:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces: list[str] = []
         n_out, first_at, stop, media_s = 0, 0.0, StopReason.MAX_TOKENS, 0.0
-        self._abort_deadline, self._abort_event = deadline, cancel
         # The abort callback runs per graph node: armed for the prompt only, where one decode can take seconds.
-        self._set_abort(llama_shim.context_handle(self.llm), self._abort_cb, None)
+        self._arm_abort(deadline, cancel)
         try:
             if prompt is not None:
                 media_began = time.monotonic()
@@ -295,7 +301,7 @@ class LocalModel:
             ):
                 if n_out == 0:
                     first_at = time.monotonic()
-                    self._set_abort(llama_shim.context_handle(self.llm), self._no_abort_cb, None)
+                    self._disarm_abort()
                 if self._is_eog(self._vocab, token) or token == self._end_of_turn:
                     stop = StopReason.END
                     break
@@ -323,7 +329,7 @@ class LocalModel:
                 raise AgentError(ErrorCode.MODEL_ERROR, f"llama.cpp failed during the turn: {exc}") from None
             stop = StopReason.DEADLINE if time.monotonic() > deadline else StopReason.CANCELLED
         finally:
-            self._set_abort(llama_shim.context_handle(self.llm), self._no_abort_cb, None)
+            self._disarm_abort()
             llama_shim.free_sampler(self.llm)
         tail = decoder.decode(b"", final=True)
         if tail:

@@ -31,8 +31,13 @@ def _health(topics: Topics, cfg: Config, template: str, **extra: Any) -> dict[st
             "exp_aft": int(3 * cfg.health.interval + 10), **extra}
 
 
-def components(cfg: Config, topics: Topics) -> dict[str, dict[str, Any] | None]:
-    """Every component the agent can have: its config, or None when its stage is switched off."""
+def _only_if(on: bool, component: dict[str, Any]) -> dict[str, Any]:
+    """The component when its stage is on, else only its platform (which removes it from Home Assistant)."""
+    return component if on else {"p": component["p"]}
+
+
+def components(cfg: Config, topics: Topics) -> dict[str, dict[str, Any]]:
+    """Every component the agent can have: its config, or only its platform when its stage is switched off."""
     camera, microphone = cfg.camera.enabled, cfg.microphone.enabled
     mib = "{{ (%s / 1048576) | round(1) if %s is number else None }}"
     return {
@@ -65,20 +70,21 @@ def components(cfg: Config, topics: Topics) -> dict[str, dict[str, Any] | None]:
         },
         "prompt": {"p": "text", "name": "Prompt", "cmd_t": topics.ask, "max": 255, "icon": "mdi:chat-question"},
         "notify": {"p": "notify", "name": "Ask", "cmd_t": topics.ask},
-        "describe": {"p": "button", "name": "Describe scene", "cmd_t": topics.describe, "pl_prs": "",
-                     "icon": "mdi:cctv"} if camera else None,
-        "listen": {"p": "button", "name": "Listen", "cmd_t": topics.listen, "pl_prs": "",
-                   "icon": "mdi:microphone"} if microphone else None,
+        "describe": _only_if(camera, {"p": "button", "name": "Describe scene", "cmd_t": topics.describe,
+                                      "pl_prs": "", "icon": "mdi:cctv"}),
+        "listen": _only_if(microphone, {"p": "button", "name": "Listen", "cmd_t": topics.listen, "pl_prs": "",
+                                        "icon": "mdi:microphone"}),
         "reset": {"p": "button", "name": "Reset conversation", "cmd_t": topics.reset, "pl_prs": "",
                   "icon": "mdi:restart"},
-        "transcript": {"p": "sensor", "name": "Last transcript", "stat_t": topics.transcript,
-                       "val_tpl": "{{ (value_json.text or '')[:255] }}", "icon": "mdi:account-voice"}
-        if microphone else None,
-        "motion": {"p": "binary_sensor", "name": "Motion", "dev_cla": "motion", "stat_t": topics.event,
-                   "val_tpl": "{{ 'ON' if value_json.event_type == 'motion' else '' }}",
-                   "off_dly": max(1, round(cfg.motion.cooldown))} if camera and cfg.motion.enabled else None,
-        "snapshot": {"p": "camera", "name": "Snapshot", "t": topics.snapshot} if camera and cfg.camera.snapshot
-        else None,
+        "transcript": _only_if(microphone, {"p": "sensor", "name": "Last transcript", "stat_t": topics.transcript,
+                                            "val_tpl": "{{ (value_json.text or '')[:255] }}",
+                                            "icon": "mdi:account-voice"}),
+        "motion": _only_if(camera and cfg.motion.enabled, {
+            "p": "binary_sensor", "name": "Motion", "dev_cla": "motion", "stat_t": topics.event,
+            "val_tpl": "{{ 'ON' if value_json.event_type == 'motion' else '' }}",
+            "off_dly": max(1, round(cfg.motion.cooldown))}),
+        "snapshot": _only_if(camera and cfg.camera.snapshot,
+                             {"p": "camera", "name": "Snapshot", "t": topics.snapshot}),
         "problem": {"p": "binary_sensor", "name": "Problem", "dev_cla": "problem", "ent_cat": "diagnostic",
                     "stat_t": topics.health, "val_tpl": "{{ 'ON' if value_json.state != 'ok' else 'OFF' }}",
                     "json_attr_t": topics.health, "json_attr_tpl": "{{ {'problems': value_json.problems} | tojson }}",
@@ -103,8 +109,8 @@ def discovery_payload(cfg: Config, topics: Topics, version: str, model_name: str
     uid = f"gemma_agent_{cfg.device_id}"
     cmps: dict[str, dict[str, Any]] = {}
     for key, component in components(cfg, topics).items():
-        if component is None:  # switched off: removes the entity if an earlier discovery announced it
-            cmps[key] = {"p": _PLATFORMS[key]}
+        if set(component) == {"p"}:  # switched off: removes the entity if an earlier discovery announced it
+            cmps[key] = component
             continue
         platform = component["p"]
         cmps[key] = {**component, "uniq_id": f"{uid}_{key}", "qos": QOS,
@@ -119,10 +125,6 @@ def discovery_payload(cfg: Config, topics: Topics, version: str, model_name: str
         "avty_t": topics.availability, "pl_avail": "online", "pl_not_avail": "offline",
         "cmps": cmps,
     }
-
-
-_PLATFORMS = {"describe": "button", "listen": "button", "transcript": "sensor", "motion": "binary_sensor",
-              "snapshot": "camera"}  # the components that can be switched off
 
 
 def served_topics(payload: dict[str, Any]) -> set[str]:

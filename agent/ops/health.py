@@ -9,9 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import package_version
-from agent.config import MemoryConfig
 from agent.llm.engine import Engine
-from agent.memory.plan import budget
 from agent.memory.probe import cgroup_memory, process_memory
 from agent.mqtt.client import MqttClient
 from agent.mqtt.outbox import Outbox
@@ -33,7 +31,7 @@ class HealthReport:
     projector: Callable[[], str]  # "none" | "loaded" | "released"
     speech: Callable[[], str]  # how speech is understood, or why it is not
     speech_stats: Callable[[], dict[str, int]]  # speculative turns: started, confirmed, wasted
-    memory: MemoryConfig
+    memory_limit: int  # bytes: the budget the memory plan was made for at start
     started: float
 
     def snapshot(self) -> dict[str, Any]:
@@ -54,7 +52,7 @@ class HealthReport:
             "version": package_version(),
             "stages": stages,
             "memory": {**process_memory(), **{f"cgroup_{k}": v for k, v in cgroup_memory().items()},
-                       "limit": budget(self.memory).limit},  # what the memory plan budgets for
+                       "limit": self.memory_limit},  # what the memory plan budgets for
             "last_turn": None if last is None else {
                 "prefill_tps": round(last.prefill_tps, 1), "decode_tps": round(last.decode_tps, 1),
                 "ttft_ms": round(last.ttft_ms, 1), "tokens": last.prompt_tokens + last.completion_tokens},
