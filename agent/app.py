@@ -32,6 +32,7 @@ from agent.ops.health import HealthReport
 from agent.ops.metrics import MetricsServer
 from agent.ops.sdnotify import Heartbeat, Notifier, Watchdog
 from agent.perception.stage import Perception
+from agent.perception.wake import WakeWordDetector, WakeWordError, resolve
 from agent.turns.conversation import Conversation
 from agent.turns.policy import TurnPolicy
 from agent.turns.router import Router
@@ -79,6 +80,16 @@ def build_speech(cfg: Config, policy: TurnPolicy, support: MediaSupport, output:
     return Speech(worker, mode)
 
 
+def open_wake_word(cfg: Config) -> WakeWordDetector | None:
+    """The wake word detector listen.trigger wake_word needs (StartupError EX_CONFIG when it cannot load)."""
+    if cfg.listen.trigger != "wake_word" or not cfg.microphone.enabled:
+        return None
+    try:
+        return WakeWordDetector(resolve(cfg.wake_word))
+    except WakeWordError as exc:
+        raise StartupError(ExitCode.EX_CONFIG, f"config error: {exc}") from None
+
+
 @dataclass
 class Agent:
     """One running agent: every stage, built and wired."""
@@ -122,7 +133,7 @@ class Agent:
                 ErrorCode.INTERRUPTED, "the daemon stopped (a crash or a power cut) while this request was waiting "
                 "or being answered; ask again"))
         policy = TurnPolicy(cfg.listen)
-        perception = Perception(cfg)
+        perception = Perception(cfg, open_wake_word(cfg))
         router = Router(cfg, engine, conversation, output, perception, policy, support)
         try:
             speech = build_speech(cfg, policy, support, output, router)

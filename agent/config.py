@@ -171,12 +171,20 @@ class VisionConfig:
 
 @dataclass
 class ListenConfig:
-    trigger: Literal["always", "wake_phrase", "mqtt", "motion"] = "always"
+    trigger: Literal["always", "wake_word", "wake_phrase", "mqtt", "motion"] = "always"
     wake_phrases: list[str] = field(default_factory=lambda: ["hey gemma", "ok gemma"])
     window: float = opt(10.0, 1.0, 3600.0)
     follow_up: float = opt(8.0, 0.0, 3600.0)
     speech: Literal["auto", "native", "whisper"] = "auto"
     audio_prompt: str = ""
+
+
+@dataclass
+class WakeWordConfig:
+    model: str = "okay_nabu"
+    probability_cutoff: float = opt(0.0, 0.0, 1.0)
+    sliding_window: int = opt(0, 0, 100)
+    refractory: float = opt(2.0, 0.0, 60.0)
 
 
 @dataclass
@@ -258,6 +266,7 @@ class Config:
     vad: VadConfig = field(default_factory=VadConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
+    wake_word: WakeWordConfig = field(default_factory=WakeWordConfig)
     whisper: WhisperConfig = field(default_factory=WhisperConfig)
     conversation: ConversationConfig = field(default_factory=ConversationConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.memory_cap import Cgroup
 from tests.support import synth
+from tests.support.cgroup import Cgroup
 from tests.support.daemon import DaemonProcess
 from tests.support.media import compose, espeak, moving_square, speech_extent, write_video, write_wav
 from tests.support.mqtt import Broker, Client, payload_json

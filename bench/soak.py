@@ -27,8 +27,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from bench.memory_cap import Cgroup
 from tests.support import models as testmodels
+from tests.support.cgroup import Cgroup
 from tests.support.daemon import DaemonProcess
 from tests.support.media import compose, espeak, moving_square, write_video, write_wav
 from tests.support.mqtt import Broker, Client, payload_json

@@ -8,14 +8,47 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import agent.config
+from tests.support import contract
 from tests.support.daemon import DaemonProcess
 from tests.support.mqtt import Broker, Client
-from tests.support.paths import CACHE
+from tests.support.paths import CACHE, ROOT
 
 SLOW_FIXTURES = {"broker", "gemma270m", "mqtt_client"}
+
+
+def _recorded_load(load: Any) -> Any:
+    """agent.config.load, noting the keys each config a test loads sets (for the coverage check)."""
+    def recorded(*args: Any, **kwargs: Any) -> agent.config.Config:
+        cfg = load(*args, **kwargs)
+        contract.observe_config(cfg)
+        return cfg
+
+    return recorded
+
+
+agent.config.load = _recorded_load(agent.config.load)  # before the test modules import it
+contract.record_config_sections()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After a full, green run (every test of tests/, no -k / -m / -x selection): every error code, event type,
+    stop reason, source, exit code and config key must have been observed by some test (tests/support/contract.py),
+    so a new entry nobody tests fails the run."""
+    opts = session.config.option
+    whole = [Path(a).resolve() for a in session.config.args] in ([ROOT / "tests"], [ROOT])
+    if not whole or opts.keyword or opts.markexpr or getattr(opts, "deselect", None) or opts.maxfail:
+        return
+    missing = contract.unobserved(contract.documented_config_keys())
+    if missing:
+        lines = "\n".join(f"  {kind}: {', '.join(values)}" for kind, values in missing.items())
+        session.config.get_terminal_writer().line(f"\nnever observed by any test:\n{lines}", red=True)
+        if exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -48,6 +81,17 @@ def mqtt_client(broker: Broker) -> Iterator[Client]:
     c = Client(broker.port)
     yield c
     c.close()
+
+
+@pytest.fixture(autouse=True)
+def messages_keep_the_contract() -> Iterator[None]:
+    """Every message the agent published to a test's clients held to the contract (tests/support/contract.py)."""
+    before = len(Client.instances)
+    yield
+    clients = Client.instances[before:]
+    del Client.instances[before:]
+    broken = [problem for client in clients for problem in client.violations]
+    assert not broken, "messages that break the contract:\n" + "\n".join(broken[:20])
 
 
 @pytest.fixture(autouse=True)

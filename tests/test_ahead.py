@@ -80,7 +80,7 @@ def test_a_turn_started_at_the_pause_that_ended_speech_is_answered_once(broker: 
     transcript = payload_json(client.wait_for(f"{daemon.base}/transcript", timeout=60)[0])
     client.wait_for(f"{daemon.base}/response", lambda m: payload_json(m)["id"] == transcript["id"])
     stats = health(client, daemon.base, lambda h: h["speech_turns"].get("confirmed") == 1)["speech_turns"]
-    assert stats == {"speculated": 1, "confirmed": 1, "wasted": 0, "backlog_drops": 0}
+    assert stats == {"transcribed": 1, "ignored": 0, "speculated": 1, "confirmed": 1, "wasted": 0, "backlog_drops": 0}
     daemon.stop()  # a barrier: anything else the daemon had to say is out before it is gone
     ids = {payload_json(m)["id"] for t in ("response", "response/stream", "error")
            for m in client.on(f"{daemon.base}/{t}")}

@@ -10,13 +10,13 @@ from pathlib import Path
 from tests.support import models as testmodels
 from tests.support.media import compose, espeak, moving_square, write_video, write_wav
 from tests.support.mqtt import Broker
-from tests.support.paths import ROOT, agent_cmd
+from tests.support.paths import ROOT, run_agent
 
 
 def run(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 240) \
         -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(agent_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=full_env)
+    return run_agent(*args, timeout=timeout, cwd=cwd, env=full_env)
 
 
 def test_version() -> None:

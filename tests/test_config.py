@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from agent import config as config_mod
 from agent.config import Config, ConfigError, load
-from tests.support.paths import ROOT, agent_cmd
+from tests.support.paths import ROOT, run_agent
 
 pytestmark = pytest.mark.fast
 
@@ -175,8 +174,7 @@ def test_default_path_prefers_environment(tmp_path: Path) -> None:
 )
 def test_cli_exits_78_with_one_clear_line(tmp_path: Path, yaml_text: str, expected: str) -> None:
     path = write(tmp_path, yaml_text)
-    proc = subprocess.run(agent_cmd("--config", str(path), "check"), capture_output=True, text=True,
-                          timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = run_agent("--config", str(path), "check", timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 78
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -192,3 +192,21 @@ def test_conversation_forgets_after_idle_reset() -> None:
     assert [t.text for t in conversation.history()] == ["q2", "a2", "q3", "a3", "q4", "a4"]
     now[0] += 61
     assert conversation.history() == []
+
+
+@pytest.mark.parametrize("narrowing", [{"top_k": 1}, {"top_p": 0.0}, {"min_p": 1.0}], ids=["top_k", "top_p", "min_p"])
+def test_a_sampler_narrowed_to_one_token_is_greedy(model: LocalModel, narrowing: dict[str, float]) -> None:
+    prompt = Request(text="Write a line about the sea.")
+    greedy = model.generate(prompt).text
+    configure(model, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
+    free = {model.generate(prompt).text for _ in range(3)}
+    assert free != {greedy}  # hot sampling wanders off the greedy line ...
+    configure(model, **narrowing)
+    assert model.generate(prompt).text == greedy  # ... unless the setting leaves it one token to pick
+
+
+def test_repeat_penalty_changes_a_repetitive_answer(model: LocalModel) -> None:
+    prompt = Request(text="Say the word yes ten times: yes yes yes")
+    plain = model.generate(prompt).text
+    configure(model, repeat_penalty=1.5)
+    assert model.generate(prompt).text != plain

@@ -16,6 +16,7 @@ from tests.support.daemon import DaemonProcess
 from tests.support.media import moving_square, write_video
 from tests.support.mqtt import Broker, Client, payload_json
 from tests.support.paths import ROOT
+from tests.test_systemd_unit import unit_settings
 
 
 @pytest.fixture
@@ -178,8 +179,9 @@ def test_a_model_that_fails_to_load_exits_65_with_a_status_and_is_not_restarted(
     assert any(m.startswith("STATUS=failed:") and "truncated" in m for m in messages), messages
     assert "READY=1" not in messages
     assert "truncated.gguf: truncated" in daemon.log and "Traceback" not in daemon.log
-    unit = (ROOT / "systemd" / "gemma-agent.service").read_text()
-    assert "RestartPreventExitStatus=65 66 78" in unit  # systemd does not restart into the same failure
+    unit = unit_settings((ROOT / "systemd" / "gemma-agent.service").read_text())
+    prevent = {int(code) for code in unit["Service.RestartPreventExitStatus"][0].split()}
+    assert 65 in prevent  # the exit code this daemon gave: systemd does not restart into the same failure
     client.close()
 
 
@@ -237,10 +239,10 @@ def test_no_stale_health_is_replayed_after_an_outage(own_broker: Broker, gemma27
     own_broker.start()
     watcher = Client(own_broker.port)
     watcher.subscribe(f"{daemon.base}/health")
-    healths = watcher.wait_for(f"{daemon.base}/health", lambda m: not m.retain, count=3, timeout=30)
-    stamps = [payload_json(m)["ts"] for m in watcher.on(f"{daemon.base}/health")]
+    healths = watcher.wait_for(f"{daemon.base}/health", count=4, timeout=30)  # the retained one, 3 live ones
+    stamps = [payload_json(m)["ts"] for m in healths]
     assert not [ts for ts in stamps if stopped < ts < restarted], stamps  # nothing made during the outage
-    assert stamps == sorted(stamps) and len(healths) >= 3
+    assert stamps == sorted(stamps)
     late = Client(own_broker.port)
     late.subscribe(f"{daemon.base}/health")
     assert payload_json(late.wait_for(f"{daemon.base}/health")[0])["ts"] > restarted  # the retained one is fresh

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -30,6 +31,8 @@ from agent.catalog.catalog import CatalogError, FetchError, load_catalog
 from agent.catalog.download import FetchOptions, pull
 from agent.cli import parser as cli_parser
 from agent.cli.models import main as models_main
+from tests.support.contract import observe
+from tests.support.paths import agent_cmd
 
 pytestmark = pytest.mark.fast
 
@@ -166,7 +169,13 @@ def opts(**kw: Any) -> FetchOptions:
 
 def cli(*argv: str) -> int:
     """`gemma-agent models ARGV` through the real command-line parser (in this process, so logs are captured)."""
-    return models_main(cli_parser().parse_args(["models", *argv]))
+    try:
+        code = models_main(cli_parser().parse_args(["models", *argv]))
+    except SystemExit as exc:
+        observe("exit", exc.code)
+        raise
+    observe("exit", code)
+    return code
 
 
 # --- resuming -------------------------------------------------------------------------------------------------
@@ -209,6 +218,7 @@ def test_resume_in_a_later_process(site: Site, tmp_path: Path) -> None:
     cmd = [str(Path(sys.executable).with_name("gemma-agent")), "models", "pull", "m", "--dir", str(tmp_path / "d"),
            "--catalog", str(catalog), "--mirrors", "huggingface"]
     first = subprocess.run([*cmd, "--retries", "0"], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    observe("exit", first.returncode)
     assert first.returncode == 69, first.stderr
     assert (tmp_path / "d" / "model.bin.part").stat().st_size == 120_000
     assert "keeping 117.2 KiB of partial download" in first.stderr
@@ -218,6 +228,25 @@ def test_resume_in_a_later_process(site: Site, tmp_path: Path) -> None:
     assert site.ranges("/org/repo/resolve/main/f.bin") == [None, "bytes=120000-"]
     assert "resuming after interruption at byte 120000" in second.stderr
     assert hashlib.sha256((tmp_path / "d" / "model.bin").read_bytes()).hexdigest() == SHA
+
+
+def test_ctrl_c_during_a_pull_exits_130_and_says_it_resumes(site: Site, tmp_path: Path) -> None:
+    site.files["/org/repo/resolve/main/f.bin"] = DATA
+    site.stall["/org/repo/resolve/main/f.bin"] = 30.0  # the download hangs: the user presses Ctrl-C
+    catalog = write_catalog(tmp_path, {"m": {"description": "d", "kind": "whisper", "files": [file_entry(
+        urls={"huggingface": "https://huggingface.co/org/repo/resolve/main/f.bin"})]}})
+    env = {**os.environ, "HF_ENDPOINT": site.base, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(agent_cmd("models", "pull", "m", "--dir", str(tmp_path / "d"), "--catalog",
+                                      str(catalog), "--mirrors", "huggingface"), env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while "/org/repo/resolve/main/f.bin" not in site.paths() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    observe("exit", proc.returncode)
+    assert proc.returncode == 130
+    assert "interrupted; a partial download is kept as FILE.part and resumes on the next pull" in err
 
 
 @pytest.mark.parametrize("prefix", [DATA[:50_000], b"\x00garbage" * 5000], ids=["right-prefix", "wrong-prefix"])

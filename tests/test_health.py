@@ -39,9 +39,24 @@ def test_cgroup_v1_and_v2_layouts(tmp_path: Path) -> None:
     assert cgroup_memory(str(proc)) == {"usage": 777, "limit": None}
 
 
-def test_cgroup_of_this_machine_is_readable() -> None:
-    mem = cgroup_memory()
-    assert mem["usage"] is None or mem["usage"] > 0
+def test_a_real_memory_cgroup_is_read_from_inside_it() -> None:
+    """A process in a memory cgroup made here (root; v2 or v1, as this machine has) sees its limit and usage."""
+    import json
+    import subprocess
+    import sys
+    import uuid
+
+    from tests.support.cgroup import Cgroup
+
+    group = Cgroup(f"gemma-agent-test-{uuid.uuid4().hex[:8]}", 1 << 30)
+    try:
+        probe = "import json; from agent.memory.probe import cgroup_memory; print(json.dumps(cgroup_memory()))"
+        out = subprocess.run(["sh", "-c", f'echo $$ > "{group.join_file()}" && exec "$@"', "join", sys.executable,
+                              "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+        mem = json.loads(out.stdout)
+        assert mem["limit"] == 1 << 30 and mem["usage"] > 1 << 20  # a Python process uses more than a MiB
+    finally:
+        group.remove()
 
 
 def test_prometheus_text_and_server() -> None:

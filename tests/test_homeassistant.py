@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +22,7 @@ from tests.support.daemon import DaemonProcess
 from tests.support.ha_schema import problems, render, sensor_state
 from tests.support.media import compose, espeak, moving_square, write_video, write_wav
 from tests.support.mqtt import Broker, Client, free_port, payload_json
-from tests.support.paths import ROOT, agent_cmd
+from tests.support.paths import ROOT, run_agent
 
 Served = tuple[DaemonProcess, Client, int]
 
@@ -176,7 +175,7 @@ def test_ha_remove_clears_every_retained_message(broker: Broker) -> None:
     client.wait_for(topic, lambda m: bool(m.payload))
     client.wait_for(f"{daemon.base}/health")
     daemon.stop()
-    proc = subprocess.run(agent_cmd(*daemon.args, "ha", "remove"), capture_output=True, text=True, timeout=60,
+    proc = run_agent(*daemon.args, "ha", "remove", timeout=60,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     late = Client(broker.port)

@@ -28,7 +28,7 @@ from tests.support import synth
 from tests.support.daemon import DaemonProcess
 from tests.support.fakes import fake_proc
 from tests.support.mqtt import Broker, Client
-from tests.support.paths import ROOT, agent_cmd
+from tests.support.paths import ROOT, run_agent
 
 Q = GGMLQuantizationType
 MiB = 1 << 20
@@ -448,10 +448,10 @@ def test_check_prints_the_plan_and_fails_when_nothing_fits(tmp_path: Path) -> No
     model = testmodels.tiny_text()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     base = ["--set", f"model.path={model}", "--set", "mqtt.port=1"]
-    ok = subprocess.run(agent_cmd(*base, "check"), capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    ok = run_agent(*base, "check", timeout=120, cwd=ROOT, env=env)
     assert "memory plan mmap repack on" in ok.stdout and "-> fits" in ok.stdout, ok.stdout
-    small = subprocess.run(agent_cmd(*base, "--set", "memory.limit_mib=64", "--set", "memory.margin_mib=0",
-                                     "check"), capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    small = run_agent(*base, "--set", "memory.limit_mib=64", "--set", "memory.margin_mib=0",
+                      "check", timeout=120, cwd=ROOT, env=env)
     assert small.returncode == 65, small.stdout + small.stderr
     assert "memory plan REFUSED: no setting fits 64 MiB" in small.stdout
     assert "over by" in small.stdout

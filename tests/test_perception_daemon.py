@@ -36,7 +36,7 @@ def test_video_and_wav_sources_publish_one_transcript_per_sentence(broker: Broke
     health = payload_json(client.wait_for(
         f"{daemon.base}/health", lambda m: payload_json(m)["stages"].get("camera") == "ok"
         and payload_json(m)["microphone"]["utterances"] == sentences, timeout=30)[-1])
-    assert health["camera"]["fps"] >= 0 and health["microphone"]["source"].startswith("wav:")
+    assert health["camera"]["fps"] > 0 and health["microphone"]["source"].startswith("wav:")
     daemon.stop()
     assert len(client.on(f"{daemon.base}/transcript")) == sentences  # exactly one per sentence
     client.close()

@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.daemon import DaemonProcess
 from tests.support.mqtt import Broker, Client, free_port, payload_json
-from tests.support.paths import ROOT, agent_cmd
+from tests.support.paths import ROOT, run_agent
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +61,9 @@ def test_remote_turns_stream_over_mqtt(broker: Broker, model_server: str) -> Non
 
 
 def test_check_reports_the_remote_server(broker: Broker, model_server: str) -> None:
-    proc = subprocess.run(agent_cmd("--set", "model.backend=remote", "--set", f"remote.url={model_server}",
-                                    "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={broker.port}", "check"),
-                          capture_output=True, text=True, timeout=60, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = run_agent("--set", "model.backend=remote", "--set", f"remote.url={model_server}",
+                     "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={broker.port}", "check", timeout=60, cwd=ROOT,
+                     env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"remote {model_server}: reachable" in proc.stdout
 

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.support.contract import observe
 from tests.support.daemon import DaemonProcess
-from tests.support.mqtt import Broker, Client, payload_json
-from tests.support.paths import ROOT, agent_cmd
+from tests.support.mqtt import Broker, Client, paho_client, payload_json
+from tests.support.paths import ROOT, agent_cmd, run_agent
 
 ADMIN = "ha-admin"  # Home Assistant's user in these brokers: may read and write everything
 
@@ -85,10 +84,7 @@ class SecureClient(Client):
     """conftest's recording Client, connecting with TLS and/or a user name and password; raises if refused."""
 
     def __init__(self, port: int, pki: Pki | None = None, user: tuple[str, str] | None = None) -> None:
-        self.messages: list[mqtt.MQTTMessage] = []
-        self._cond = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}")
-        self.client.on_message = self._on_message
+        self._setup(paho_client())
         if pki is not None:
             self.client.tls_set(ca_certs=str(pki.ca), certfile=str(pki.client_cert), keyfile=str(pki.client_key))
         if user is not None:
@@ -132,6 +128,7 @@ class LoggedDaemon(DaemonProcess):
             self.proc.wait()
             raise
         self.log = self.raw_log().decode(errors="replace")
+        observe("exit", self.proc.returncode)
         return self.proc.returncode
 
 
@@ -331,7 +328,7 @@ def test_a_wrong_password_never_connects_and_check_reports_it(locked: Locked, ge
     try:
         with pytest.MonkeyPatch.context() as env:
             env.setenv("GEMMA_AGENT_MQTT_PASSWORD", "not-the-password")
-            check = subprocess.run(agent_cmd(*daemon.args, "check"), capture_output=True, text=True, timeout=60,
+            check = run_agent(*daemon.args, "check", timeout=60,
                                    cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
             before = refusals()
             daemon.start(locked.admin, wait_online=False)

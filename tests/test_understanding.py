@@ -173,20 +173,26 @@ def test_speech_through_whisper_publishes_the_transcript_and_answers_it(broker: 
     client.close()
 
 
+def speech_health(client: Client, base: str, ignored: int) -> dict[str, Any]:
+    """The first health message counting `ignored` utterances heard outside a listening window."""
+    return dict(payload_json(client.wait_for(
+        f"{base}/health", lambda m: payload_json(m)["speech_turns"]["ignored"] == ignored, timeout=30)[0]))
+
+
 def test_mqtt_trigger_takes_speech_only_inside_the_listen_window(broker: Broker, tmp_path: Path) -> None:
     pcm, _ = compose([(0.3, espeak("Is anybody home?")), (6.0, espeak("Open the garage door."))], total_s=8.5)
     wav = write_wav(tmp_path / "two.wav", pcm)
     text, projector = testmodels.tiny_audio_pair()
     daemon, client = start(broker, text, f"model.mmproj={projector}", "microphone.enabled=true",
                            f"microphone.source={wav}", "listen.trigger=mqtt", "listen.follow_up=0")
-    first = payload_json(client.wait_for(f"{daemon.base}/transcript", timeout=30)[0])
+    speech_health(client, daemon.base, ignored=1)  # the first sentence: not listening, so neither heard nor kept
+    assert client.on(f"{daemon.base}/transcript") == []
     client.publish(f"{daemon.base}/listen", {"seconds": 30})
     client.wait_for(f"{daemon.base}/event", lambda m: payload_json(m)["event_type"] == "listening")
-    second = payload_json(client.wait_for(f"{daemon.base}/transcript", count=2, timeout=30)[1])
+    second = payload_json(client.wait_for(f"{daemon.base}/transcript", timeout=30)[0])
     body = response(client, daemon.base, str(second["id"]))
     assert body["source"] == "speech"
-    time.sleep(0.5)
-    assert not [m for m in client.on(f"{daemon.base}/response") if payload_json(m)["id"] == first["id"]]
+    assert len(client.on(f"{daemon.base}/transcript")) == 1 and len(client.on(f"{daemon.base}/response")) == 1
     daemon.stop()
     client.close()
 
@@ -201,13 +207,13 @@ def test_motion_trigger_opens_a_listening_window(broker: Broker, tmp_path: Path,
     daemon, client = start(broker, text, f"model.mmproj={projector}", "microphone.enabled=true",
                            f"microphone.source={wav}", "listen.trigger=motion", "camera.enabled=true",
                            f"camera.source={video}", "motion.enabled=true", "motion.cooldown=1")
-    transcript = payload_json(client.wait_for(f"{daemon.base}/transcript", timeout=30)[0])
     if answered:
+        transcript = payload_json(client.wait_for(f"{daemon.base}/transcript", timeout=30)[0])
         client.wait_for(f"{daemon.base}/event", lambda m: payload_json(m)["event_type"] == "motion")
         assert response(client, daemon.base, str(transcript["id"]))["source"] == "speech"
     else:
-        time.sleep(2.0)
-        assert client.on(f"{daemon.base}/response") == []
+        speech_health(client, daemon.base, ignored=1)  # the utterance came, outside any window
+        assert client.on(f"{daemon.base}/response") == [] and client.on(f"{daemon.base}/transcript") == []
         assert not [m for m in client.on(f"{daemon.base}/event") if payload_json(m)["event_type"] == "motion"]
     daemon.stop()
     client.close()

@@ -166,3 +166,45 @@ def test_wrong_frames_are_refused_with_the_expected_size() -> None:
         seg.push(np.zeros(480, np.float32))
     with pytest.raises(ValueError, match="frame_ms"):
         Segmenter(dataclasses.replace(VadConfig(), frame_ms=25))  # type: ignore[arg-type]
+
+
+def test_aggressiveness_decides_how_much_noise_counts_as_speech() -> None:
+    noise = noise_burst(4.0, rms=600.0, seed=7)
+    voiced = {level: segment(noise, aggressiveness=level)[1].voiced for level in (0, 3)}
+    assert voiced[0] > voiced[3]
+
+
+def test_min_speech_ms_drops_what_is_shorter(clips: list[np.ndarray]) -> None:
+    stream, truths = compose([(1.0, clips[0])], 5.0)
+    length_ms = (truths[0].end - truths[0].start) * 1000
+    kept, _ = segment(stream, min_speech_ms=int(length_ms / 2))
+    dropped, seg = segment(stream, min_speech_ms=int(length_ms * 2))
+    assert len(kept) == 1 and dropped == [] and seg.dropped == 1
+
+
+@pytest.mark.parametrize("pre_roll_ms", [0, 600])
+def test_pre_roll_ms_of_audio_precede_the_speech(clips: list[np.ndarray], pre_roll_ms: int) -> None:
+    stream, _ = compose([(2.0, clips[0])], 6.0)
+    (u,), _ = segment(stream, pre_roll_ms=pre_roll_ms)
+    assert u.start_ts - u.pcm_ts == pytest.approx(pre_roll_ms / 1000, abs=0.03)
+    assert_pcm_is_the_stream(u, stream)
+
+
+def test_max_utterance_s_cuts_long_speech(clips: list[np.ndarray]) -> None:
+    stream, _ = compose([(0.5, clips[1]), (0.5 + len(clips[1]) / RATE, clips[2])], 8.0)
+    found, _ = segment(stream, max_utterance_s=2.0)
+    assert len(found) >= 2 and found[0].cut
+    assert all(len(u.pcm) <= 2.0 * RATE for u in found)
+
+
+def test_early_end_ms_announces_the_pause_before_the_hangover_ends() -> None:
+    stream, _ = two_sentences_400ms_apart()
+    pauses: list[Utterance] = []
+    seg = Segmenter(dataclasses.replace(VadConfig(), early_end_ms=150), on_pause=pauses.append)
+    found = [u for f in frames_of(stream, seg.frame_len) for u in seg.push(f)] + seg.flush()
+    assert len(found) == 1 and seg.pauses >= 2 and seg.resumes >= 1  # one guess voided, the last one right
+    assert (pauses[-1].start_ts, pauses[-1].end_ts) == (found[0].start_ts, found[0].end_ts)
+    off = Segmenter(dataclasses.replace(VadConfig(), early_end_ms=0), on_pause=pauses.append)
+    for f in frames_of(stream, off.frame_len):
+        off.push(f)
+    assert off.pauses == 0

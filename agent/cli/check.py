@@ -116,6 +116,22 @@ def check_speech(cfg: Config, audio: bool | None, report: Report) -> None:
                         ExitCode.EX_CONFIG if fatal else ExitCode.FAILURE)
             return
     report.line("speech", f"{' + '.join(how)}; trigger {cfg.listen.trigger}")
+    if cfg.listen.trigger == "wake_word":
+        check_wake_word(cfg, report)
+
+
+def check_wake_word(cfg: Config, report: Report) -> None:
+    """Load the wake word model as run does (a file TensorFlow Lite cannot read is refused, not crashed on)."""
+    from agent.perception.wake import WakeWordDetector, WakeWordError, resolve
+
+    try:
+        model = resolve(cfg.wake_word)
+        WakeWordDetector(model)
+    except WakeWordError as exc:
+        report.line("wake word", str(exc), ExitCode.EX_CONFIG)
+        return
+    report.line("wake word", f"{model.phrase!r}: microWakeWord {model.tflite} (probability cutoff {model.cutoff}, "
+                f"window {model.window}, refractory {model.refractory:g} s)")
 
 
 def check_camera(cfg: Config, report: Report) -> None:

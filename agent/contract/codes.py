@@ -49,6 +49,7 @@ class EventType(_Text):
     MOTION = "motion"
     ERROR = "error"
     LISTENING = "listening"
+    WAKE = "wake"
     RESET = "reset"
 
 

@@ -1,6 +1,7 @@
-"""The perception stage the daemon runs: camera (+ motion detector) and microphone (+ VAD segmenter), each per
-config, each owned by its own thread, none able to take the daemon down. Results leave through callbacks:
-motion events and utterances (timestamps in wall-clock seconds)."""
+"""The perception stage the daemon runs: camera (+ motion detector) and microphone (+ wake word detector + VAD
+segmenter), each per config, each owned by its own thread, none able to take the daemon down. Results leave
+through callbacks: motion events, wake words and utterances (timestamps in wall-clock seconds); an utterance the
+wake word was said in reaches the listener without it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 from agent.config import Config
 from agent.perception.motion import MotionDetector, MotionEvent
 from agent.perception.vad import Segmenter, Utterance
+from agent.perception.wake import WakeWordDetector, after_wake
 from devices.camera import Camera, CameraError, Frame
 from devices.microphone import Microphone, MicrophoneError
 
@@ -25,6 +27,9 @@ class SpeechListener(Protocol):
 
     def on_onset(self, start: float) -> None:
         """Speech began at `start` (wall clock)."""
+
+    def on_wake(self, at: float, details: dict[str, Any]) -> None:
+        """The wake word was heard, ending at `at` (wall clock); `details`: model, phrase, probability."""
 
     def on_pause(self, utterance: TimedUtterance) -> None:
         """A short pause: the utterance as it would end here, if speech does not resume (vad.early_end_ms)."""
@@ -49,8 +54,12 @@ class TimedUtterance:
 class Perception:
     """The camera, the motion detector and the microphone thread, per config."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, wake: WakeWordDetector | None = None) -> None:
         self.cfg = cfg
+        self.wake = wake
+        self._wake_ts: float | None = None  # stream time of the last wake word
+        self.wake_at: float | None = None  # ... in wall-clock time, for health
+        self.wake_only = 0  # utterances that were the wake word and nothing else
         self._speech: SpeechListener | None = None
         self._mic_started = 0.0  # wall-clock time of the microphone stream's 0
         self.camera: Camera | None = None
@@ -76,7 +85,7 @@ class Perception:
         self._speech = speech
         if speech is not None:
             self.segmenter.on_onset = lambda ts: speech.on_onset(self._mic_started + ts)
-            self.segmenter.on_pause = lambda utterance: speech.on_pause(self._timed(utterance))
+            self.segmenter.on_pause = self._pause
             self.segmenter.on_resume = speech.on_resume
         if self.camera is not None and self.cfg.motion.enabled:
             self.motion = MotionDetector(self.cfg.motion, sink=on_motion)
@@ -131,6 +140,8 @@ class Perception:
         self._mic_started = mic.started_at
         for frame in mic.frames():
             self.mic_progress = time.monotonic()
+            if self.wake is not None:
+                self._listen_for_wake(frame.pcm, frame.ts)
             for utterance in self.segmenter.push(frame.pcm, frame.ts):
                 self._emit(utterance)
             if self._stop.is_set():
@@ -138,16 +149,43 @@ class Perception:
         for utterance in self.segmenter.flush():
             self._emit(utterance)
 
-    def _timed(self, utterance: Utterance) -> TimedUtterance:
+    def _listen_for_wake(self, pcm: Any, ts: float) -> None:
+        assert self.wake is not None
+        detection = self.wake.push(pcm, ts)
+        if detection is None:
+            return
+        self._wake_ts, self.wake_at = detection.ts, self._mic_started + detection.ts
+        log.info("wake word %r heard (probability %.2f)", self.wake.model.phrase, detection.probability)
+        if self._speech is not None:
+            self._speech.on_wake(self.wake_at, {"model": self.wake.model.name, "phrase": self.wake.model.phrase,
+                                                "probability": round(detection.probability, 3)})
+
+    def _heard(self, utterance: Utterance) -> TimedUtterance | None:
+        """The utterance as the listener gets it: without the wake word said in it (None if that was all)."""
+        if self._wake_ts is not None:
+            trimmed = after_wake(utterance, self._wake_ts, self.cfg.vad.min_speech_ms / 1000)
+            if trimmed is None:
+                return None
+            utterance = trimmed
         start = self._mic_started
         return TimedUtterance(utterance, start + utterance.start_ts, start + utterance.end_ts, time.time())
+
+    def _pause(self, utterance: Utterance) -> None:
+        timed = self._heard(utterance)
+        if timed is not None and self._speech is not None:
+            self._speech.on_pause(timed)
 
     def _emit(self, utterance: Utterance) -> None:
         self.utterances += 1
         if self._speech is None:
             return
         try:
-            self._speech.on_utterance(self._timed(utterance))
+            timed = self._heard(utterance)
+            if timed is None:
+                self.wake_only += 1
+                self._speech.on_resume()  # a guess made on it is void
+                return
+            self._speech.on_utterance(timed)
         except Exception:
             log.exception("handling an utterance failed")
 
@@ -173,4 +211,6 @@ class Perception:
                 microphone = {**microphone, "state": "error", "error": self.microphone_error}
             microphone["utterances"] = self.utterances
             microphone["vad"] = self.segmenter.stats()
+            if self.wake is not None:
+                microphone["wake"] = {**self.wake.stats(), "last": self.wake_at, "wake_only": self.wake_only}
         return {"camera": camera, "microphone": microphone}

@@ -180,6 +180,8 @@ class SpeechWorker:
         self._lock = threading.Lock()
         self.backlog_drops = 0
         self.speculated = self.confirmed = self.wasted = 0
+        self.transcribed = 0  # utterances given to speech-to-text
+        self.ignored = 0  # not transcribed: outside a window, for a trigger that needs no transcript
         self.progress_at = time.monotonic()
 
     def start(self) -> None:
@@ -194,6 +196,13 @@ class SpeechWorker:
 
     def on_onset(self, start: float) -> None:
         self.turns.on_speech_onset(start)
+
+    def on_wake(self, at: float, details: dict[str, Any]) -> None:
+        """The wake word: listen for listen.window seconds, say so, and prepare the frame the question may carry
+        (the earliest moment a turn is certain)."""
+        self.policy.open_window(why="wake_word")
+        self.output.event(EventType.WAKE, {**details, "seconds": self.policy.cfg.window})
+        self.turns.on_speech_onset(at)
 
     def on_pause(self, utterance: TimedUtterance) -> None:
         if self._queue.qsize() < self._queue.maxsize // 2:  # a guess is worth nothing when the worker is behind
@@ -227,8 +236,8 @@ class SpeechWorker:
         return not self.busy() or time.monotonic() - self.progress_at < limit
 
     def stats(self) -> dict[str, int]:
-        return {"speculated": self.speculated, "confirmed": self.confirmed, "wasted": self.wasted,
-                "backlog_drops": self.backlog_drops}
+        return {"transcribed": self.transcribed, "ignored": self.ignored, "speculated": self.speculated,
+                "confirmed": self.confirmed, "wasted": self.wasted, "backlog_drops": self.backlog_drops}
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -246,11 +255,21 @@ class SpeechWorker:
             self.progress_at = time.monotonic()
 
     def _transcribe(self, utterance: TimedUtterance) -> tuple[str | None, float]:
+        if self.stt is None:
+            return None, 0.0
         began = time.monotonic()
-        text = self.stt.transcribe(utterance.utterance.pcm) if self.stt is not None else None
+        text = self.stt.transcribe(utterance.utterance.pcm)
+        self.transcribed += 1
         return text, (time.monotonic() - began) * 1000
 
+    def _unheard(self) -> bool:
+        """Whether speech now is not for us and the trigger needs no transcript to tell (wake_word, mqtt, motion
+        outside a window): then it is neither transcribed nor published."""
+        return self.policy.cfg.trigger != "wake_phrase" and not self.policy.expects_turn()
+
     def _speculate(self, utterance: TimedUtterance) -> None:
+        if self._unheard():
+            return
         transcript, stt_ms = self._transcribe(utterance)
         guess = Speculation(utterance.start, utterance.end, transcript, stt_ms, self.policy.decide(transcript,
                                                                                                     peek=True))
@@ -271,6 +290,10 @@ class SpeechWorker:
             return
         if guess is not None:
             self._let_go(guess, "another utterance ended")
+        if self._unheard():
+            self.ignored += 1
+            log.info("utterance at %.3f not taken (not listening): not transcribed", utterance.start)
+            return
         transcript, stt_ms = self._transcribe(utterance)
         turn_id = new_id()
         decision = self.policy.decide(transcript)  # before the transcript goes out: what is heard next is later

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import ClassVar
 
+from tests.support.contract import observe, observe_command
 from tests.support.mqtt import Client
 from tests.support.paths import ROOT, agent_cmd
 
@@ -35,6 +36,7 @@ class DaemonProcess:
         ]
         for item in overrides:
             self.args += ["--set", item]
+        observe_command(self.args)
         self.cwd = cwd
         self.proc: subprocess.Popen[str] | None = None
         self.log = ""
@@ -94,6 +96,7 @@ class DaemonProcess:
         finally:
             self._reader.join(timeout=10)
             self.log = "".join(self._lines)
+        observe("exit", self.proc.returncode)
         return self.proc.returncode
 
     def stop(self) -> None:

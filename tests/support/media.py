@@ -109,6 +109,41 @@ def compose(parts: Iterable[tuple[float, np.ndarray]], total_s: float, snr_db: f
     return np.clip(np.rint(out), -32768, 32767).astype(np.int16), truths
 
 
+CHATTER = (  # room and television talk without the wake word ("okay", "now", "boo" among them)
+    "Okay, so what time does the game start tonight?", "I think we should paint the kitchen a lighter colour.",
+    "The weather will be cloudy with a chance of rain later in the afternoon.", "Did you feed the cat already?",
+    "And now, the news at nine: markets closed higher after a quiet day of trading.",
+    "Can you pass me the salt, please?", "No, I said the blue one, not the green one.",
+    "We need to leave in ten minutes or we will miss the train.", "That film was much better than I expected.",
+    "The children are playing in the garden.",
+    "Remember to call your mother on Sunday.", "This recipe needs two eggs and a cup of flour.",
+    "Nobody knows where the remote control went.", "A new bakery opened on the corner of our street.",
+    "Turn left at the next light, then keep going straight.", "Boo! Did I scare you?",
+    "The meeting has been moved to Thursday morning.", "I am not sure that is a good idea.",
+    "Our team scored twice in the last five minutes of the match.", "Please close the window, it is getting cold.",
+    "He finally fixed the leaking tap in the bathroom.", "What shall we cook for dinner tomorrow?",
+    "The library closes early on Saturdays.",
+)
+NEAR_MISSES = (  # "okay" and a word like "nabu" after it: okay_nabu scores 0.54-0.89 on these (cutoff 0.85)
+    "Okay, okay, I am coming, just give me a second.", "Okay, now let us try that one more time.",
+)
+CHATTER_VOICES = ("en-us", "en", "en-gb-x-rp", "en+m3", "en+f3", "en-us+m1", "en+m7", "en-gb-scotland")
+
+
+def chatter(total_s: float, gap_s: float = 1.5, sentences: tuple[str, ...] = CHATTER) -> tuple[np.ndarray, int]:
+    """`total_s` of `sentences` in turning voices, `gap_s` apart; the stream and the sentence count."""
+    parts: list[tuple[float, np.ndarray]] = []
+    at, n = 0.5, 0
+    while True:
+        clip = espeak(sentences[n % len(sentences)], voice=CHATTER_VOICES[n % len(CHATTER_VOICES)])
+        if at + len(clip) / RATE > total_s:
+            break
+        parts.append((at, clip))
+        at += len(clip) / RATE + gap_s
+        n += 1
+    return compose(parts, total_s)[0], n
+
+
 def noise_burst(duration_s: float, rms: float, seed: int = 1) -> np.ndarray:
     """White noise of the given RMS and length (a cough- or knock-like burst)."""
     x = np.random.default_rng(seed).normal(0.0, rms, int(duration_s * RATE))

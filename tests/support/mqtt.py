@@ -1,5 +1,7 @@
 """MQTT for the tests: a real mosquitto on a free loopback port, and a real paho client that records what it
-receives."""
+receives and holds every message the agent published to the contract (tests/support/contract.py): QoS, retain
+flag (MQTT 5 retain-as-published), JSON keys, enumerated values. Messages the tests publish carry a user property
+that keeps them out of that check."""
 
 from __future__ import annotations
 
@@ -12,12 +14,16 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.cli.demo import free_port, wait_port
+from tests.support.contract import violations
 
 __all__ = ["Broker", "Client", "free_port", "payload_json"]
 
@@ -50,34 +56,59 @@ class Broker:
             self.proc.wait(10)
 
 
+def paho_client(client_id: str | None = None) -> mqtt.Client:
+    """A paho MQTT 5 client as the tests use it."""
+    return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
+                       protocol=mqtt.MQTTv5)
+
+
+def _tagged() -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = ("origin", "test")
+    return props
+
+
 class Client:
-    """A real paho client that records every message per topic and waits for the ones a test expects."""
+    """A real paho client that records every message per topic and waits for the ones a test expects; what the
+    agent published against the contract is listed in `violations` (conftest fails the test on any)."""
+
+    instances: ClassVar[list[Client]] = []  # every client made, for conftest's contract check
 
     def __init__(self, port: int, client_id: str | None = None, persistent: bool = False) -> None:
         """`persistent`: a session the broker keeps across disconnects (and restarts, with persistence)."""
-        self.messages: list[mqtt.MQTTMessage] = []
-        self._cond = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
-                                  clean_session=not persistent)
-        self.client.on_message = self._on_message
+        self._setup(paho_client(client_id))
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600 if persistent else 0
         self.client.reconnect_delay_set(min_delay=1, max_delay=2)
-        self.client.connect("127.0.0.1", port)
+        self.client.connect("127.0.0.1", port, clean_start=not persistent, properties=props)
         self.client.loop_start()
 
+    def _setup(self, client: mqtt.Client) -> None:
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.violations: list[str] = []
+        self._cond = threading.Condition()
+        self.client = client
+        self.client.on_message = self._on_message
+        Client.instances.append(self)
+
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        ours = ("origin", "test") in (getattr(props, "UserProperty", None) or [])
+        problems = [] if ours else violations(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain))
         with self._cond:
             self.messages.append(msg)
+            self.violations += [f"{msg.topic}: {problem}" for problem in problems]
             self._cond.notify_all()
 
     def subscribe(self, *topics: str) -> None:
         for topic in topics:
-            result, _mid = self.client.subscribe(topic, qos=1)
+            result, _mid = self.client.subscribe(topic, options=SubscribeOptions(qos=1, retainAsPublished=True))
             assert result == mqtt.MQTT_ERR_SUCCESS
         time.sleep(0.2)  # SUBACK
 
     def publish(self, topic: str, payload: str | bytes | dict[str, Any], retain: bool = False) -> None:
         data = json.dumps(payload) if isinstance(payload, dict) else payload
-        self.client.publish(topic, data, qos=1, retain=retain).wait_for_publish(5)
+        self.client.publish(topic, data, qos=1, retain=retain, properties=_tagged()).wait_for_publish(5)
 
     def on(self, topic: str) -> list[mqtt.MQTTMessage]:
         with self._cond:
