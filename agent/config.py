@@ -314,7 +314,7 @@ def load(path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, 
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected dotted.key=value")
-        _put(data, key.strip().split("."), _Override(value), item)
+        _put(data, key.strip().split("."), _Override(value), f"--set {item}")
         lines[key.strip()] = -1
     env = os.environ if environ is None else environ
     for name, dotted in (("MQTT_USERNAME", "mqtt.username"), ("MQTT_PASSWORD", "mqtt.password"),
@@ -452,7 +452,8 @@ def _describe(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(hint))
     if origin is list:
-        return f"a list of {_describe(typing.get_args(hint)[0])}"
+        item = typing.get_args(hint)[0]
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(item, _describe(item))
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 

@@ -163,6 +163,32 @@ def test_default_path_prefers_environment(tmp_path: Path) -> None:
     assert config_mod.default_path({"GEMMA_AGENT_CONFIG": str(path)}) == path
 
 
+def test_config_search_order_after_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$GEMMA_AGENT_CONFIG, then /etc/gemma-agent/agent.yaml (absent on this machine), then ./config/agent.yaml,
+    then none (the built-in defaults)."""
+    assert not Path("/etc/gemma-agent/agent.yaml").exists()
+    monkeypatch.chdir(tmp_path)
+    assert config_mod.default_path({}) is None
+    assert config_mod.default_path({"GEMMA_AGENT_CONFIG": ""}) is None  # set but empty: not a path
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "agent.yaml").mkdir()  # a directory of that name is not a config file
+    assert config_mod.default_path({}) is None
+    (tmp_path / "config" / "agent.yaml").rmdir()
+    (tmp_path / "config" / "agent.yaml").write_text("")
+    assert config_mod.default_path({}) == Path("config/agent.yaml")
+    assert config_mod.default_path({"GEMMA_AGENT_CONFIG": "/x.yaml"}) == Path("/x.yaml")
+
+
+def test_the_outbox_lives_in_the_state_directory(tmp_path: Path) -> None:
+    cfg = load(None, ["device.id=porch"], environ={})
+    assert cfg.outbox_path({"STATE_DIRECTORY": "/var/lib/gemma-agent:/var/lib/other"}) == \
+        Path("/var/lib/gemma-agent/outbox-porch.sqlite3")  # systemd's first StateDirectory=
+    assert cfg.outbox_path({}) == Path.home() / ".local/state/gemma-agent/outbox-porch.sqlite3"
+    assert cfg.outbox_path({"STATE_DIRECTORY": ""}) == Path.home() / ".local/state/gemma-agent/outbox-porch.sqlite3"
+    chosen = load(None, [f"outbox.path={tmp_path / 'box.db'}"], environ={})
+    assert chosen.outbox_path({"STATE_DIRECTORY": "/var/lib/gemma-agent"}) == tmp_path / "box.db"
+
+
 @pytest.mark.parametrize(
     ("yaml_text", "expected"),
     [
@@ -196,3 +222,65 @@ def test_projector_lifetime_is_one_key() -> None:
         load(None, ["memory.projector=sometimes"])
     with pytest.raises(ConfigError, match=r"from 1\.0 to 86400\.0"):
         load(None, ["memory.projector=0"])
+
+
+@pytest.mark.parametrize(("setting", "expected"), [
+    ("camera.enabled=3", "camera.enabled: expected true or false, got 3 (int)"),
+    ("model.n_ctx=big", "model.n_ctx: expected an integer, got 'big' (str)"),
+    ("model.top_p=true", "model.top_p: expected a number, got True (bool)"),
+    ("model.temperature=.nan", "model.temperature: expected a number, got nan (float)"),
+    ("camera.source=[1]", "camera.source: expected an integer or a string, got [1] (list)"),
+    ("listen.wake_phrases=[1, 2]", "listen.wake_phrases: expected a list of strings, got [1, 2] (list)"),
+    ("memory.projector=fast", "memory.projector: expected one of 'auto', 'resident', 'on_demand' or a number, got "
+                              "'fast' (str)"),
+    ("camera.input_size=300", "camera.input_size: expected one of 256, 512, 768, got 300 (int)"),
+    ("memory.repack=1", "memory.repack: expected one of 'auto' or true or false, got 1 (int)"),
+])
+def test_a_wrong_type_is_named_with_what_was_expected(setting: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(None, [setting], environ={})
+    assert str(caught.value) == f"--set {setting.split('=')[0]}: {expected}"
+
+
+def test_a_list_setting_is_taken_whole() -> None:
+    assert load(None, ["listen.wake_phrases=[hey board, hello board]"], environ={}).listen.wake_phrases == \
+        ["hey board", "hello board"]
+
+
+@pytest.mark.parametrize(("yaml_text", "overrides", "expected"), [
+    ("- a\n- b\n", [], "{path}: the top level must be a mapping of sections, got list"),
+    ("model: 5\n", ["model.n_ctx=1"], "--set model.n_ctx=1: model.n_ctx: model is not a section"),
+    ("mqtt: 5\n", [], "{path}, line 1: mqtt: expected a mapping, got 5 (int)"),
+    ("vision:\n  keep_loaded: true\n", [], "{path}, line 2: unknown key 'vision.keep_loaded'; it is now "
+     "memory.projector (known here: attach, describe_prompt, max_frame_age, motion_cooldown, motion_describe, "
+     "prepare)"),
+    ("", ["model.top_p=1.01"], "--set model.top_p: model.top_p: expected a value from 0.0 to 1.0, got 1.01"),
+    ("", ["device.id=living room/+"], "--set device.id: device.id: 'living room/+' does not match "
+     "^$|^[A-Za-z0-9_-]{{1,64}}$"),
+    ("", ["model.n_ctx=[unclosed"], "--set model.n_ctx: cannot parse value '[unclosed'"),
+    ("", ["model.seed="], "--set model.seed: model.seed: expected an integer, got '' (str)"),
+    ("", ["model.temperature=.inf"], "--set model.temperature: model.temperature: expected a number, got inf (float)"),
+    ("", ["mqtt.reconnect_min=6", "mqtt.reconnect_max=5"],
+     "mqtt.reconnect_min (6.0) must not exceed mqtt.reconnect_max (5.0)"),
+    ("", ["model.n_ubatch=1024", "model.n_batch=512"], "model.n_ubatch (1024) must not exceed model.n_batch (512)"),
+    ("", ["model.max_tokens=2048"], "model.max_tokens (2048) must be below model.n_ctx (2048)"),
+    ("", ["mqtt.tls.key_file=/k.pem"], "mqtt.tls.cert_file and mqtt.tls.key_file must be given together"),
+])
+def test_each_config_error_reads_exactly(tmp_path: Path, yaml_text: str, overrides: list[str],
+                                         expected: str) -> None:
+    path = write(tmp_path, yaml_text)
+    with pytest.raises(ConfigError) as caught:
+        load(path, overrides, environ={})
+    assert str(caught.value) == expected.format(path=path)
+
+
+def test_the_edges_of_ranges_and_cross_checks_are_allowed(tmp_path: Path) -> None:
+    cfg = load(None, ["model.top_p=1.0", "model.top_p=0.0", "mqtt.reconnect_min=5", "mqtt.reconnect_max=5",
+                      "model.n_ubatch=512", "model.n_batch=512", "model.max_tokens=2047"], environ={})
+    assert (cfg.model.top_p, cfg.mqtt.reconnect_min, cfg.model.max_tokens) == (0.0, 5.0, 2047)
+    secret = tmp_path / "secret"
+    secret.write_text("pw\n")
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError) as caught:
+        load(None, [f"mqtt.password_file={secret}"], environ={})
+    assert str(caught.value) == f"mqtt.password_file: {secret} is readable by others (mode -rw-r--r--); chmod 600 it"

@@ -6,11 +6,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.turns.ratelimit import MAX_SENDERS, RateLimiter
 from tests.support.daemon import DaemonProcess
 from tests.support.mqtt import Broker, Client, payload_json
 
 
+@pytest.mark.fast
 def test_buckets_refill_over_time_and_bound_each_sender() -> None:
     now = [0.0]
     limiter = RateLimiter(global_per_minute=10, sender_per_minute=3, clock=lambda: now[0])
@@ -21,9 +24,31 @@ def test_buckets_refill_over_time_and_bound_each_sender() -> None:
     assert not limiter.allow("c")  # ... but the global budget (10) is spent
     now[0] += 20.0  # 20 s refill 1 per sender (3/min) and 3 globally (10/min)
     assert limiter.allow("a") and not limiter.allow("a")
-    assert limiter.refused >= 3
+    assert limiter.refused == 3  # a's 4th, c, a's second after the refill
 
 
+@pytest.mark.fast
+def test_zero_is_no_limit_refills_are_partial_and_capped_and_the_oldest_sender_is_forgotten() -> None:
+    now = [0.0]
+    free = RateLimiter(global_per_minute=0, sender_per_minute=0, clock=lambda: now[0])
+    assert all(free.allow("x") for _ in range(500)) and free.refused == 0
+    limiter = RateLimiter(global_per_minute=0, sender_per_minute=1, clock=lambda: now[0])
+    assert limiter.allow("old") and not limiter.allow("old")
+    for n in range(MAX_SENDERS):  # "old" becomes the least recently seen, and is pushed out ...
+        assert limiter.allow(f"s{n}")
+    assert limiter.allow("old")  # ... so it starts afresh
+    now[0] += 30.0  # half a token (1 per minute)
+    assert not limiter.allow("s7")
+    now[0] += 30.0  # the other half
+    assert limiter.allow("s7")
+    now[0] += 3600.0  # an hour idle refills one token, not sixty
+    assert limiter.allow("s8") and not limiter.allow("s8")
+    assert limiter.refused == 3
+    shared = RateLimiter(global_per_minute=2, sender_per_minute=0, clock=lambda: now[0])
+    assert [shared.allow(f"any{n}") for n in range(3)] == [True, True, False]
+
+
+@pytest.mark.fast
 def test_sender_table_stays_bounded() -> None:
     limiter = RateLimiter(global_per_minute=0, sender_per_minute=1)
     for n in range(MAX_SENDERS * 3):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from agent.config import ListenConfig, WhisperConfig
-from agent.turns.policy import TurnPolicy, split_wake_phrase
+from agent.turns.policy import Decision, TurnPolicy, split_wake_phrase
 from agent.turns.speech import SpeechToText, SpeechToTextError
 from tests.support import models as testmodels
 
@@ -169,3 +169,41 @@ def test_a_held_turn_passes_on_in_order_when_confirmed_and_nothing_when_dropped(
     dropped.drop(other)
     dropped.on_error(other, AgentError(ErrorCode.MODEL_ERROR, "late"))
     assert dropped_out.calls == [] and other.cancel.is_set()
+
+
+def test_windows_at_their_edges_and_what_each_decision_says() -> None:
+    clock = Clock()
+    p = policy("wake_word", clock)
+    assert not p.expects_turn() and p.decide("hello") == Decision(False, "hello", "not_listening")
+    p.open_window(why="wake_word")  # listen.window: 10 s
+    assert p.expects_turn() and p.decide(" Hey Gemma, and now? ") == Decision(True, "and now?", "wake_word")
+    assert p.decide(None) == Decision(True, "", "wake_word")
+    p.open_window(2.0, "mqtt")  # a shorter window leaves the longer one (and its reason) alone
+    clock.now += 9.99
+    assert p.decide("still?").reason == "wake_word"
+    clock.now += 0.01  # exactly at the end: closed
+    assert not p.window_open() and not p.expects_turn()
+    always = policy("always", clock)
+    assert always.expects_turn() and always.decide(None) == Decision(True, "", "always")
+
+
+def test_a_guess_on_a_phrase_alone_opens_nothing_the_real_decision_does() -> None:
+    clock = Clock()
+    p = policy("wake_phrase", clock, follow_up=0.0)
+    assert p.decide("Hey Gemma", peek=True) == Decision(False, "", "phrase_only")
+    assert not p.window_open()
+    assert p.decide("Hey Gemma") == Decision(False, "", "phrase_only")
+    assert p.window_open() and p.decide("lights on") == Decision(True, "lights on", "wake_phrase")
+    p.answered()  # follow_up 0: no follow-up window, and the phrase's window is not cut short
+    clock.now += 9.0
+    assert p.decide("and off").reason == "wake_phrase"
+
+
+@pytest.mark.parametrize(("heard", "rest"), [
+    ("hey gemma hey gemma", "hey gemma"),  # only the first phrase is the wake phrase
+    ("ok, gemma: timer", "timer"),
+    ("hey", None),  # one word of two is not enough
+    ("hey gem ma what", "what"),
+])
+def test_wake_phrase_edges(heard: str, rest: str | None) -> None:
+    assert split_wake_phrase(heard, PHRASES) == rest

@@ -489,3 +489,106 @@ def test_daemon_loads_with_the_plan_and_refuses_what_does_not_fit(broker: Broker
     assert "does not fit the memory budget" in refused.log and "over by" in refused.log, refused.log
     assert "Traceback" not in refused.log
     client.close()
+
+
+@pytest.mark.fast
+def test_candidates_are_every_allowed_setting_best_first(e2b: Path) -> None:
+    info = inspect(e2b)
+    model = ModelConfig(path=str(e2b), n_ubatch=256)
+
+    def short(cfg: MemoryConfig, projector: bool = True, cpu: shape.Cpu = X86) -> list[str]:
+        return [s.label() for s in planner.candidates(model, cfg, cpu, info, projector)]
+
+    auto = short(MemoryConfig())
+    assert len(auto) == 2 * 2 * 2 * 3 + 1  # repack x residency x kv x ubatch (256, 128, 64), then no-mmap
+    assert auto[:4] == ["mmap repack on ctx 2048 kv f16 ub 256", "mmap repack on ctx 2048 kv f16 ub 128",
+                        "mmap repack on ctx 2048 kv f16 ub 64", "mmap repack on ctx 2048 kv q8_0 fa ub 256"]
+    assert auto[6] == "mmap repack on ctx 2048 kv f16 ub 256 proj on-demand"
+    assert auto[12] == "mmap repack off ctx 2048 kv f16 ub 256"
+    assert auto[-1] == "no-mmap repack off ctx 2048 kv f16 ub 256"
+    assert short(MemoryConfig(), projector=False) == [a for a in auto if "on-demand" not in a]
+    assert short(MemoryConfig(projector="on_demand"))[0].endswith("proj on-demand")
+    assert all("kv f16" in s for s in short(MemoryConfig(flash_attn=False)))
+    assert all(" fa " in s for s in short(MemoryConfig(flash_attn=True)))
+    assert all("repack off" in s for s in short(MemoryConfig(repack=False))[:-1])
+    assert all("repack off" in s for s in short(MemoryConfig(), cpu=shape.Cpu(frozenset())))  # nothing repacks
+    assert short(MemoryConfig(kv_type="q8_0"))[0] == "mmap repack on ctx 2048 kv q8_0 fa ub 256"
+    with pytest.raises(planner.MemoryPlanError, match=r"memory\.kv_type q8_0 needs flash attention"):
+        planner.candidates(model, MemoryConfig(kv_type="q8_0", flash_attn=False), X86, info, True)
+    with pytest.raises(planner.MemoryPlanError, match=r"memory\.kv_type q8_0 needs flash attention"):
+        planner.manual_setting(model, MemoryConfig(kv_type="q8_0", flash_attn=False))
+    assert planner.manual_setting(model, MemoryConfig(projector="on_demand")).label() == \
+        "mmap repack on ctx 2048 kv f16 ub 256 proj on-demand"
+
+
+@pytest.mark.fast
+def test_the_plan_says_what_it_chose_and_why(e2b: Path) -> None:
+    info = inspect(e2b)
+    plan = planner.plan(info, ModelConfig(path=str(e2b)), MemoryConfig(), cpu=X86, baseline=BASELINE,
+                        limit=TWO_GIB)
+    assert plan.chosen is not None and plan.fits
+    lines = plan.lines(rows=3)
+    assert lines[0] == "memory      budget 2048 MiB (test), margin 256 MiB, usable 1792 MiB; mode auto"
+    assert lines[1] == f"memory plan {plan.chosen.setting.label()} -> fits"
+    assert lines[2].startswith(f"  anonymous {round(plan.chosen.anon / MiB)} MiB = repacked weights ")
+    assert f"  ... {len(plan.table) - 3} slower settings not shown" == lines[-1]
+    assert sum(line.startswith(" *") for line in plan.lines(rows=len(plan.table))) == 1
+    assert plan.summary().endswith("MiB usable (test 2048 MiB less margin 256 MiB)")
+    e = plan.chosen
+    assert f"  file-backed: hot {round(e.hot_file / MiB)} MiB read per token, " \
+        f"{round((e.mapped_file - e.hot_file) / MiB)} MiB cold; {round(e.read_per_token / MiB)} MiB read per " \
+        "decoded token in all; cold pages dropped after load" in lines  # the file is bigger than the budget
+    assert f"  {'setting':<46} {'anon':>6} {'hot':>6} {'need':>6}  verdict (MiB)" in lines
+    full = plan.lines()
+    assert len(full) == len(lines) + 5  # 8 rows by default
+    rows = [line for line in plan.lines(rows=len(plan.table)) if line.startswith((" *", "  mmap", "  no-mmap"))]
+    verdicts = [line.rsplit("  ", 1)[1] for line in rows]
+    assert {v for v in verdicts if not v.startswith("over by ")} == {"fits"}
+    assert [v == "fits" for v in verdicts] == [t.need <= plan.budget.usable for t in plan.table]
+    hearing = planner.plan(info, ModelConfig(path=str(e2b)), MemoryConfig(), cpu=X86, baseline=BASELINE,
+                           limit=TWO_GIB, speech=30 * MiB)
+    assert hearing.lines()[2].endswith(" + speech-to-text 30") and " + speech-to-text" not in lines[2]
+    forced = planner.plan(info, ModelConfig(path=str(e2b)), MemoryConfig(mode="manual"), cpu=X86, baseline=BASELINE,
+                          limit=planner.Budget(700 * MiB, "tiny", 256 * MiB))
+    assert forced.lines()[1].endswith("-> DOES NOT FIT (manual mode: loading anyway)")
+    refused = planner.plan(info, ModelConfig(path=str(e2b)), MemoryConfig(), cpu=X86, baseline=BASELINE,
+                           limit=planner.Budget(700 * MiB, "tiny", 256 * MiB))
+    text = refused.refusal()
+    assert text.startswith(f"{e2b}: does not fit the memory budget\n")
+    assert "memory plan REFUSED: no setting fits 444 MiB" in text and "more than the whole budget" in text
+    least = min(refused.table, key=lambda t: t.need)
+    weights = round((least.repacked + least.hot_file) / MiB)
+    assert f"the weights read for every token alone are {weights} MiB" in text
+    near = planner.plan(info, ModelConfig(path=str(e2b)), MemoryConfig(), cpu=X86, baseline=BASELINE,
+                        limit=planner.Budget((weights + 50) * MiB + 256 * MiB, "near", 256 * MiB))
+    assert near.chosen is None and "leaving 50 MiB for KV cache, compute and Python" in near.refusal()
+    assert "a smaller model or quantization" in text and refused.summary() == "nothing fits 444 MiB"
+    assert "as configured it needs a memory limit of at least" in text
+    with pytest.raises(planner.MemoryPlanError):
+        refused.load_options()
+
+
+@pytest.mark.fast
+def test_the_plan_counts_the_projector_speech_to_text_and_drops_cold_pages_when_needed(e2b: Path) -> None:
+    info, projector = inspect(e2b), inspect(testmodels.tiny_vision_projector())
+    model = ModelConfig(path=str(e2b))
+
+    def planned(cfg: MemoryConfig | None = None, limit: planner.Budget = TWO_GIB, **kw: Any) -> planner.Plan:
+        return planner.plan(info, model, cfg or MemoryConfig(), cpu=X86, baseline=kw.pop("baseline", BASELINE),
+                            limit=limit, **kw)
+
+    plain, seeing, hearing = planned(), planned(projector=projector), planned(speech=50 * MiB)
+    assert plain.table[0].projector == 0 and seeing.table[0].projector > 0
+    assert all(e.setting.projector_resident for e in plain.table)
+    assert any(not e.setting.projector_resident for e in seeing.table)
+    assert hearing.table[0].speech == 50 * MiB and hearing.table[0].need == plain.table[0].need + 50 * MiB
+    manual = planned(MemoryConfig(mode="manual"), projector=projector, speech=MiB, baseline=BASELINE + MiB)
+    (only,) = manual.table
+    assert only.projector > 0 and only.speech == MiB and only.baseline == BASELINE + MiB
+    exact = planner.Budget(plain.table[0].need + 256 * MiB, "edge", 256 * MiB)  # needs exactly what is usable
+    edge = planned(limit=exact)
+    assert edge.chosen is not None and edge.chosen.setting == plain.table[0].setting and edge.notes == []
+    roomy = planner.Budget(64 << 30, "roomy", 256 * MiB)
+    assert plain.release_cold and not planned(limit=roomy).release_cold  # the whole file fits: keep its pages
+    assert not planned(MemoryConfig(release_cold=False)).release_cold
+    assert planned(MemoryConfig(release_cold=True), limit=roomy).release_cold
