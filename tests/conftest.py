@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-import agent.config
 from tests.support import contract
 from tests.support.daemon import DaemonProcess
 from tests.support.mqtt import Broker, Client
@@ -21,18 +19,7 @@ from tests.support.paths import CACHE, ROOT
 SLOW_FIXTURES = {"broker", "gemma270m", "mqtt_client"}
 
 
-def _recorded_load(load: Any) -> Any:
-    """agent.config.load, noting the keys each config a test loads sets (for the coverage check)."""
-    def recorded(*args: Any, **kwargs: Any) -> agent.config.Config:
-        cfg = load(*args, **kwargs)
-        contract.observe_config(cfg)
-        return cfg
-
-    return recorded
-
-
-agent.config.load = _recorded_load(agent.config.load)  # before the test modules import it
-contract.record_config_sections()
+contract.record_config_sections()  # before the tests build any config
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

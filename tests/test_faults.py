@@ -16,7 +16,7 @@ from tests.support.daemon import DaemonProcess
 from tests.support.media import moving_square, write_video
 from tests.support.mqtt import Broker, Client, payload_json
 from tests.support.paths import ROOT
-from tests.test_systemd_unit import unit_settings
+from tests.support.systemd import unit_settings
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import yaml
 from agent.contract.exitcodes import ExitCode
 from tests.support.mqtt import Broker, Client, payload_json
 from tests.support.notify import Listener
+from tests.support.systemd import unit_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "gemma-agent.service"
@@ -29,22 +30,6 @@ INSTALL = ROOT / "systemd" / "install.sh"
 SHIPPED_BINARY = "/opt/gemma-agent/venv/bin/gemma-agent"
 ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
 EXPOSURE_LIMIT = 2.0  # systemd-analyze calls <= 2.0 "OK"; the unit scores 1.4 with systemd 252
-
-
-def unit_settings(text: str) -> dict[str, list[str]]:
-    """'Section.Key' -> every value it is given (keys such as DeviceAllow= repeat)."""
-    out: dict[str, list[str]] = {}
-    section = ""
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-        else:
-            key, _, value = line.partition("=")
-            out.setdefault(f"{section}.{key}", []).append(value)
-    return out
 
 
 def verifiable_copy(unit_text: str, where: Path) -> Path:

@@ -80,6 +80,11 @@ class TurnPolicy:
         """Whether speech starting now will become a turn whatever it says (no wake phrase needed)."""
         return self.cfg.trigger == "always" or self.window_open()
 
+    def ignores_speech_now(self) -> bool:
+        """Whether speech now is not for us and the trigger needs no transcript to tell (wake_word, mqtt, motion
+        outside a window): then it need not be transcribed at all."""
+        return self.cfg.trigger != "wake_phrase" and not self.expects_turn()
+
     def decide(self, transcript: str | None, peek: bool = False) -> Decision:
         """Whether an utterance becomes a turn, and its question. `peek`: decide without acting on it (a phrase
         alone opens no window): for a guess made before the utterance is over."""

@@ -262,13 +262,8 @@ class SpeechWorker:
         self.transcribed += 1
         return text, (time.monotonic() - began) * 1000
 
-    def _unheard(self) -> bool:
-        """Whether speech now is not for us and the trigger needs no transcript to tell (wake_word, mqtt, motion
-        outside a window): then it is neither transcribed nor published."""
-        return self.policy.cfg.trigger != "wake_phrase" and not self.policy.expects_turn()
-
     def _speculate(self, utterance: TimedUtterance) -> None:
-        if self._unheard():
+        if self.policy.ignores_speech_now():
             return
         transcript, stt_ms = self._transcribe(utterance)
         guess = Speculation(utterance.start, utterance.end, transcript, stt_ms, self.policy.decide(transcript,
@@ -290,7 +285,7 @@ class SpeechWorker:
             return
         if guess is not None:
             self._let_go(guess, "another utterance ended")
-        if self._unheard():
+        if self.policy.ignores_speech_now():
             self.ignored += 1
             log.info("utterance at %.3f not taken (not listening): not transcribed", utterance.start)
             return

@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import itertools
 import json
-import re
 import typing
 from collections import defaultdict
 from enum import Enum
@@ -33,30 +32,14 @@ def observe_command(args: list[str] | tuple[str, ...]) -> None:
     for flag, value in itertools.pairwise(args):
         if flag == "--set" and "=" in value:
             observe("config", value.split("=", 1)[0].strip())
-        if flag == "--config":
+        if flag == "--config":  # loading it builds its sections, which note what it sets (record_config_sections)
             with contextlib.suppress(Exception):  # a broken file on purpose: what the CLI says is that test's job
-                observe_config(config_module.load(value, environ={}))
-
-
-def observe_config(cfg: config_module.Config) -> None:
-    """Note the keys whose values in `cfg` differ from the defaults."""
-    for key in _changed(dataclasses.asdict(cfg), dataclasses.asdict(config_module.Config())):
-        observe("config", key)
-
-
-def _changed(got: dict[str, Any], default: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for name, value in got.items():
-        if isinstance(value, dict) and isinstance(default.get(name), dict):
-            keys += _changed(value, default[name], f"{prefix}{name}.")
-        elif name != "source" and value != default.get(name):
-            keys.append(prefix + name)
-    return keys
+                config_module.load(value, environ={})
 
 
 def record_config_sections() -> None:
-    """Make each config section's dataclass note the keys it is built with away from their defaults (tests that
-    build a section directly, `VadConfig(hangover_ms=300)`, set that key as surely as a config file does)."""
+    """Make each config section's dataclass note the keys it is built with away from their defaults: by a config
+    file or `--set` loaded here, or by a test building a section directly (`VadConfig(hangover_ms=300)`)."""
     def walk(cls: type, prefix: str) -> None:
         for f in dataclasses.fields(cls):
             sub = typing.get_type_hints(cls)[f.name]
@@ -69,7 +52,10 @@ def record_config_sections() -> None:
 
 
 def _recording(init: Any, prefix: str, cls: type) -> Any:
+    hints = typing.get_type_hints(cls)
     defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    defaults |= {f.name: f.default_factory() for f in dataclasses.fields(cls)  # lists such as wake_phrases
+                 if f.default_factory is not dataclasses.MISSING and not dataclasses.is_dataclass(hints[f.name])}
 
     def recorded(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
@@ -162,4 +148,4 @@ def unobserved(documented_config: set[str]) -> dict[str, list[str]]:
 
 
 def _set_by_a_test(key: str) -> bool:
-    return key in OBSERVED["config"] or any(re.fullmatch(re.escape(key) + r"(\..+)?", k) for k in OBSERVED["config"])
+    return key in OBSERVED["config"]
