@@ -73,6 +73,14 @@ class GgufInfo:
         md = self.metadata
         return bool(md.get("clip.has_vision_encoder")), bool(md.get("clip.has_audio_encoder"))
 
+    def projector_types(self) -> tuple[str, str]:
+        """(vision, audio) projector types; "" where the header declares none. A projector with both encoders
+        (Gemma 4: gemma4v + gemma4a) names each in clip.vision / clip.audio.projector_type (clip-impl.h)."""
+        md, vision, audio = self.metadata, *self.projector_inputs()
+        common = str(md.get("clip.projector_type", ""))
+        return (str(md.get("clip.vision.projector_type", common)) if vision else "",
+                str(md.get("clip.audio.projector_type", common)) if audio else "")
+
     def bytes_by_type(self) -> dict[str, int]:
         totals: dict[str, int] = {}
         for t in self.tensors:

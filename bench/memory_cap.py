@@ -215,7 +215,8 @@ def parent(args: argparse.Namespace) -> int:
                         overrides.append(f"model.mmproj={args.projector or PROJECTOR}")
                     spec = {"mode": kind, "model": path, "prompt_tokens": args.prompt_tokens,
                             "decode_tokens": args.decode_tokens, "threads": args.threads, "overrides": overrides,
-                            "measure_hot": kind == "engine" and cap == "uncapped" and rnd == 0}
+                            "measure_hot": kind == "engine" and cap == "uncapped" and rnd == 0,
+                            "image_px": args.image_px}
                     run = run_child(spec, cgroup if cap == "capped" else None, args.timeout)
                     run.update(model=name, config=config, round=rnd)
                     emit(event="run", **run)
@@ -311,7 +312,8 @@ def child_engine(spec: dict[str, Any]) -> None:
     cfg = agent_config(spec["overrides"] + [f"model.path={spec['model']}", f"model.n_threads={spec['threads']}",
                                             f"model.max_tokens={spec['decode_tokens']}"])
     baseline = probe.python_baseline()
-    plan = planner.plan_for(cfg.model, cfg.memory, baseline=baseline)
+    media = estimates.MediaUse(image_side=spec.get("image_px", 768))
+    plan = planner.plan_for(cfg.model, cfg.memory, baseline=baseline, media=media)
     emit(plan=plan.summary(), plan_lines=plan.lines())
     if plan.chosen is None:
         emit(refused=True)
@@ -341,7 +343,7 @@ def child_engine(spec: dict[str, Any]) -> None:
              file_error_pct=round(100 * (expected - model_file) / model_file, 1))
         emit(**touched_per_token(model, spec["model"], turn))
     if spec["mode"] == "engine-image":
-        emit(**image_turn(model))
+        emit(**image_turn(model, media))
     model.close()
 
 
@@ -368,10 +370,11 @@ def touched_per_token(model: Any, path: str, est: estimates.Estimate) -> dict[st
                                                                                       / touched, 1)}
 
 
-def image_turn(model: Any) -> dict[str, Any]:
-    """Two 768 x 768 images through the engine (model.mmproj: a same-shape Gemma 3n vision projector), 16 tokens
-    each. An on-demand plan loads the projector for each image and frees it before decoding; a resident one keeps
-    it. RssAnon is sampled every 20 ms for the peak."""
+def image_turn(model: Any, media: estimates.MediaUse) -> dict[str, Any]:
+    """Two square images of media.image_side px through the engine (model.mmproj: a same-shape Gemma 3n or Gemma 4
+    projector; gemma3nv encodes 256 tokens whatever the size, gemma4v follows it), 16 tokens each. An on-demand
+    plan loads the projector for each image and frees it before decoding; a resident one keeps it. RssAnon is
+    sampled every 20 ms for the peak."""
     projector = model.cfg.mmproj
     if not Path(projector).exists():
         return {"image": f"skipped: {projector} not found (bench/synth_gemma3n.py --vision writes it)"}
@@ -390,12 +393,13 @@ def image_turn(model: Any) -> dict[str, Any]:
     sampler.start()
     results = []
     for seed in (0, 1):
-        pixels = np.random.default_rng(seed).integers(0, 256, size=(768, 768, 3), dtype=np.uint8)
+        side = media.image_side
+        pixels = np.random.default_rng(seed).integers(0, 256, size=(side, side, 3), dtype=np.uint8)
         results.append(model.generate(Request(text="Describe this.", max_tokens=16, media=[Media("image", pixels)])))
     done.set()
     sampler.join()
     after = probe.rss()["rss_anon"]
-    weights, compute = estimates.projector_bytes(inspect(projector))
+    weights, compute = estimates.projector_bytes(inspect(projector), media)
     return {"image": "ok", "image_tokens": results[0].image_tokens,
             "image_ttft_s": [round(r.ttft_ms / 1000, 2) for r in results],
             "image_media_s": [round(r.media_ms / 1000, 2) for r in results],
@@ -513,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                     help="run every engine config once per variant (its config overrides), interleaved: A/B tests")
     ap.add_argument("--projector", default="", help=f"vision projector GGUF (default {PROJECTOR})")
+    ap.add_argument("--image-px", type=int, default=768, help="side of the square image of engine-image turns")
     ap.add_argument("--soak", type=int, default=0, help="run N consecutive turns under the cap instead")
     ap.add_argument("--soak-tokens", type=int, default=24, help="tokens per soak turn")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds before a run is killed")

@@ -15,9 +15,14 @@ Scenarios, each --rounds times, one JSON line per stage with the median (min-max
   speech_frame      the same carrying the frame (vision.attach always): the frame is encoded at speech onset
   follow_up         an ask (no image of its own) right after a describe's answer: the conversation keeps the
                     frame, and its KV
+  speech_native     a spoken question as audio to a projector that takes audio (Gemma 4), no whisper: VAD
+                    hangover, queue, projector load, audio encode, audio eval, prefill; end of speech -> first token
 plus the cgroup's peak and its OOM kills, and the engine against llama-cpp-python's MTMDChatHandler (no cap).
 
     sudo .venv/bin/python -m bench.scene_latency [--rounds 3] [--sizes 256,512,768] [--scenarios ...]
+    sudo .venv/bin/python -m bench.scene_latency --text ~/.cache/gemma-agent/synth/gemma4-e2b-synthetic-q4_k_m.gguf \
+        --projector ~/.cache/gemma-agent/synth/gemma4-e2b-projector-synthetic-q8_0.gguf \
+        --scenarios describe,speech_native --sizes 256   # Gemma 4 E2B (bench/synth_gemma4.py)
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ class Run:
         subprocess.run(["sync"], check=True)
         Path("/proc/sys/vm/drop_caches").write_text("3\n")  # the model's pages are then charged to the cgroup
         self.cgroup = Cgroup(f"gemma-agent-scene-{os.getpid()}", args.limit_mib << 20)
-        self.daemon = DaemonProcess(broker.port, TEXT, f"model.mmproj={PROJECTOR}", "model.max_tokens=16",
+        self.daemon = DaemonProcess(broker.port, args.text, f"model.mmproj={args.projector}", "model.max_tokens=16",
                                     "health.interval=5", f"memory.limit_mib={args.limit_mib}", *overrides,
                                     cgroup=Path(self.cgroup.join_file()))
         self.client = Stamped(broker.port)
@@ -128,12 +133,14 @@ def describe(args: argparse.Namespace, broker: Broker, video: Path, size: int) -
         emit(f"describe_{size}", stage, values, "tok/s" if stage == "decode_tps" else "ms")
 
 
-def speech(args: argparse.Namespace, broker: Broker, video: Path, wav: Path, frame: bool) -> None:
-    scenario = "speech_frame" if frame else "speech"
+def speech(args: argparse.Namespace, broker: Broker, video: Path, wav: Path, scenario: str) -> None:
+    """A spoken question per round: through whisper (speech, speech_frame) or as audio (speech_native)."""
+    hearing = (["listen.speech=native"] if scenario == "speech_native" else
+               ["listen.speech=whisper", f"whisper.model={WHISPER}", "whisper.max_tokens=12",
+                "whisper.temperature_fallback=false"])
     run = Run(args, broker, "camera.enabled=true", f"camera.source={video}", "camera.input_size=256",
-              "microphone.enabled=true", f"microphone.source={wav}", f"whisper.model={WHISPER}",
-              "whisper.max_tokens=12", "whisper.temperature_fallback=false", "vision.max_frame_age=30",
-              f"vision.attach={'always' if frame else 'on_request'}")
+              "microphone.enabled=true", f"microphone.source={wav}", "vision.max_frame_age=30",
+              f"vision.attach={'always' if scenario == 'speech_frame' else 'on_request'}", *hearing)
     stages: dict[str, list[float]] = {}
     try:
         finals = run.client.wait_for(f"{run.daemon.base}/response", count=args.rounds, timeout=600)
@@ -143,7 +150,8 @@ def speech(args: argparse.Namespace, broker: Broker, video: Path, wav: Path, fra
             heard = transcripts[body["id"]]
             model_stages(body, stages)
             stages.setdefault("vad_hangover", []).append((heard["emitted"] - heard["end"]) * 1000)
-            stages.setdefault("stt", []).append(heard["stt_ms"])
+            if heard.get("stt_ms") is not None:
+                stages.setdefault("stt", []).append(heard["stt_ms"])
             stages.setdefault("end_of_speech_to_first_token", []).append(
                 (run.client.first[body["id"]] - heard["end"]) * 1000)
         health = payload_json(run.client.wait_for(f"{run.daemon.base}/health")[-1])
@@ -169,14 +177,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--limit-mib", type=int, default=2048)
-    ap.add_argument("--sizes", default="256,512,768")
+    ap.add_argument("--sizes", default="256,512,768",
+                    help="camera.input_size values (only gemma3nv projectors change size)")
+    ap.add_argument("--text", type=Path, default=TEXT, help="text model GGUF")
+    ap.add_argument("--projector", type=Path, default=PROJECTOR, help="projector GGUF (vision, or vision + audio)")
     ap.add_argument("--scenarios", default="describe,speech,speech_frame")
     ap.add_argument("--no-follow-up", dest="follow_up", action="store_false")
     args = ap.parse_args()
-    for needed in (TEXT, PROJECTOR):
+    for needed in (args.text, args.projector):
         if not needed.exists():
             raise SystemExit(f"{needed} is missing: python -m bench.synth_gemma3n E2B --types Q4_K_M "
-                             "--recipes published --vision")
+                             "--recipes published --vision (Gemma 4: python -m bench.synth_gemma4)")
     if not WHISPER.exists():
         synth.write_whisper_ggml(WHISPER, BASE_EN)
     scenarios = args.scenarios.split(",")
@@ -188,10 +199,11 @@ def main() -> None:
             if "describe" in scenarios:
                 for size in (int(s) for s in args.sizes.split(",")):
                     describe(args, broker, video, size)
-            for frame in (False, True):
-                if ("speech_frame" if frame else "speech") in scenarios:
-                    wav = questions_wav(Path(tmp) / "q.wav", args.rounds, gap_s=25.0 if frame else 12.0)
-                    speech(args, broker, video, wav, frame)
+            for scenario in ("speech", "speech_frame", "speech_native"):
+                if scenario in scenarios:
+                    gap = 25.0 if scenario == "speech_frame" else 12.0
+                    wav = questions_wav(Path(tmp) / "q.wav", args.rounds, gap_s=gap)
+                    speech(args, broker, video, wav, scenario)
         finally:
             broker.stop()
 

@@ -9,6 +9,12 @@ Reports: RSS growth between the first and the last 10 % of turns (target < 5 %),
 growth), turn latency p50/p95 per kind, errors, OOM kills.
 
     sudo .venv/bin/python -m bench.soak [--turns 300] [--limit-mib 1024]
+
+On the full-size Gemma 4 E2B shape (bench/synth_gemma4.py; speech as audio to the model, no whisper):
+
+    sudo .venv/bin/python -m bench.soak --turns 200 --limit-mib 2048 --speech native --speech-every 40 \
+        --text ~/.cache/gemma-agent/synth/gemma4-e2b-synthetic-q4_k_m-published.gguf \
+        --projector ~/.cache/gemma-agent/synth/gemma4-e2b-mmproj-synthetic-q8_0.gguf
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,6 +70,11 @@ def main() -> int:
     ap.add_argument("--turns", type=int, default=300)
     ap.add_argument("--limit-mib", type=int, default=1024)
     ap.add_argument("--speech-every", type=float, default=6.0, help="seconds between spoken questions")
+    ap.add_argument("--text", type=Path, default=None, help="text model (default: the tiny Gemma 3n)")
+    ap.add_argument("--projector", type=Path, default=None, help="projector (default: the tiny gemma3nv)")
+    ap.add_argument("--speech", choices=["whisper", "native"], default="whisper",
+                    help="speech through the tiny whisper model, or as audio to a projector that takes it")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one answer")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gemma-agent-soak-"))
     speech_count = max(1, int(args.turns / 3))
@@ -71,20 +83,22 @@ def main() -> int:
     pcm, _ = compose(clips, total_s=args.speech_every * speech_count + 2)
     wav = write_wav(tmp / "speech.wav", pcm)
     video = write_video(tmp / "door.avi", 150, fps=15.0, frame=moving_square)
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")  # the model's pages are then charged to the cgroup
     cgroup = Cgroup(f"gemma-agent-soak-{os.getpid()}", args.limit_mib << 20)
     broker = Broker(tmp)
     broker.start()
-    daemon = DaemonProcess(broker.port, testmodels.tiny_text(), f"model.mmproj={testmodels.tiny_vision_projector()}",
+    hearing = ["listen.speech=native"] if args.speech == "native" else [f"whisper.model={testmodels.tiny_whisper()}"]
+    daemon = DaemonProcess(broker.port, args.text or testmodels.tiny_text(),
+                           f"model.mmproj={args.projector or testmodels.tiny_vision_projector()}",
                            "camera.enabled=true", f"camera.source={video}", "microphone.enabled=true",
-                           f"microphone.source={wav}", f"whisper.model={testmodels.tiny_whisper()}",
+                           f"microphone.source={wav}", *hearing, "health.interval=5",
                            "model.max_tokens=16", "limits.asks_per_minute=0", "limits.sender_asks_per_minute=0",
-                           "vision.max_frame_age=5")
+                           "vision.max_frame_age=5", cgroup=Path(cgroup.join_file()))
     client = Client(broker.port)
     client.subscribe(f"{daemon.base}/#")
-    daemon.start(client, wait_online=False)
+    daemon.start(client, timeout=300)
     assert daemon.proc is not None
-    Path(cgroup.join_file()).write_text(str(daemon.proc.pid))
-    client.wait_for(f"{daemon.base}/availability", lambda m: m.payload == b"online", timeout=120)
     samples: list[dict[str, int]] = []
     latency: dict[str, list[float]] = {"ask": [], "describe": [], "speech": []}
     started = time.monotonic()
@@ -96,7 +110,7 @@ def main() -> int:
                 else {"id": rid}
             client.publish(f"{daemon.base}/{kind}", payload)
             try:
-                msg = client.wait_for(f"{daemon.base}/+", answers(rid), timeout=120)[0]
+                msg = client.wait_for(f"{daemon.base}/+", answers(rid), timeout=args.timeout)[0]
             except AssertionError:  # no answer: have faulthandler print every thread's stack, then show them
                 daemon.signal(signal.SIGABRT)
                 daemon.wait()

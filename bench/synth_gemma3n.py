@@ -144,13 +144,13 @@ def child_quantize(src: str, out: str, qtype: str, recipe: str, threads: int, ma
             raise SystemExit(f"llama_model_quantize failed with {rc}")
 
 
-def run_child(step: str, *args: str) -> tuple[float, int]:
-    """Run one step in a child process (its llama.cpp log to a file, its JSON lines to ours); return (seconds,
-    peak RSS MiB)."""
-    log = CACHE / f"{step}.log"
+def run_child(step: str, *args: str, module: str = "bench.synth_gemma3n", log_name: str = "") -> tuple[float, int]:
+    """Run one step of `module` in a child process (its llama.cpp log to CACHE/<log_name or step>.log, its JSON
+    lines to ours); return (seconds, peak RSS MiB)."""
+    log = CACHE / f"{log_name or step}.log"
     started = time.monotonic()
     with open(log, "ab") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "bench.synth_gemma3n", "--child", step, *args],
+        proc = subprocess.Popen([sys.executable, "-m", module, "--child", step, *args],
                                 stdout=sys.stdout, stderr=logf)
         _pid, status, usage = os.wait4(proc.pid, 0)
     seconds = time.monotonic() - started
@@ -217,7 +217,8 @@ def hypotheses(shape: synth.TextShape) -> None:
 
 # ------------------------------------------------------------------ reporting
 
-def report(path: Path, shape: synth.TextShape | None, qtype: str | None, recipe: str | None) -> None:
+def report_types(path: Path) -> Any:
+    """Print the file's tensor count and bytes per type; return its header."""
     info = inspect(path)
     counts: dict[str, int] = {}
     for t in info.tensors:
@@ -225,6 +226,11 @@ def report(path: Path, shape: synth.TextShape | None, qtype: str | None, recipe:
     for tname, nbytes in info.bytes_by_type().items():
         emit(event="types", file=path.name, type=tname, tensors=counts[tname], bytes=nbytes,
              mib=round(nbytes / 2**20, 1))
+    return info
+
+
+def report(path: Path, shape: synth.TextShape | None, qtype: str | None, recipe: str | None) -> None:
+    info = report_types(path)
     line: dict[str, Any] = {"event": "size", "file": path.name, "bytes": info.size}
     if shape is not None and qtype is not None and recipe is not None:
         types = predicted_types(shape, qtype, RECIPES[recipe])

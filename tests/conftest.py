@@ -1,4 +1,5 @@
-"""Shared fixtures: a real mosquitto on a free loopback port, the real Gemma 3 270M GGUF, an MQTT test client.
+"""Shared fixtures: a real mosquitto on a free loopback port, the real Gemma 3 270M GGUF, an MQTT test client, a
+door camera video and a spoken question (espeak-ng).
 
 Two tiers: tests marked `fast` (pure logic; `pytest -m fast` while working, well under 30 s) and the rest, marked
 `integration` here (real mosquitto, llama.cpp, espeak-ng, the daemon as a subprocess). A fast test that asks for
@@ -13,10 +14,11 @@ import pytest
 
 from tests.support import contract
 from tests.support.daemon import DaemonProcess
+from tests.support.media import compose, espeak, moving_square, write_video, write_wav
 from tests.support.mqtt import Broker, Client
 from tests.support.paths import CACHE, ROOT
 
-SLOW_FIXTURES = {"broker", "gemma270m", "mqtt_client"}
+SLOW_FIXTURES = {"broker", "gemma270m", "mqtt_client", "door_video", "question_wav"}
 
 
 contract.record_config_sections()  # before the tests build any config
@@ -68,6 +70,20 @@ def mqtt_client(broker: Broker) -> Iterator[Client]:
     c = Client(broker.port)
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def door_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 640 x 480 camera video of a moving square, 6 s at 15 fps."""
+    return write_video(tmp_path_factory.mktemp("video") / "door.avi", 90, fps=15.0, width=640, height=480,
+                       frame=moving_square)
+
+
+@pytest.fixture(scope="session")
+def question_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """"What is at the front door?" spoken by espeak-ng, in 3 s of WAV."""
+    pcm, _ = compose([(0.4, espeak("What is at the front door?"))], total_s=3.0)
+    return write_wav(tmp_path_factory.mktemp("wav") / "question.wav", pcm)
 
 
 @pytest.fixture(autouse=True)

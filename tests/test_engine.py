@@ -7,14 +7,17 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import llama_cpp
 import pytest
 
 from agent.config import ModelConfig
 from agent.contract.codes import AgentError
+from agent.llm import llama_shim
 from agent.llm.engine import Engine
 from agent.llm.local import LocalModel
 from agent.turns.conversation import Conversation
 from agent.turns.types import Request, Result
+from tests.support import models as testmodels
 
 SYSTEM = "You are a helpful assistant. " * 12
 
@@ -182,6 +185,16 @@ def test_history_is_trimmed_to_fit_the_context(gemma270m: Path) -> None:
     finally:
         engine.stop()
         small.close()
+
+
+def test_the_model_runs_on_model_n_threads() -> None:
+    """model.n_threads reaches llama.cpp's context, for decoding and for prompt batches alike."""
+    one = LocalModel(ModelConfig(path=str(testmodels.tiny_text()), n_threads=1, n_ctx=512))
+    try:
+        ctx = llama_shim.context_handle(one.llm)
+        assert (one.threads, llama_cpp.llama_n_threads(ctx), llama_cpp.llama_n_threads_batch(ctx)) == (1, 1, 1)
+    finally:
+        one.close()
 
 
 def test_conversation_forgets_after_idle_reset() -> None:

@@ -588,7 +588,7 @@ def test_repository_catalog_parses_and_every_entry_is_complete() -> None:
             assert re.fullmatch(r"https://modelscope\.cn/models/[\w.-]+/[\w.-]+/resolve/master/[\w.-]+",
                                 f.urls["modelscope"])
     wanted = {f"gemma-3n-{s}-it-{q}" for s in ("e2b", "e4b") for q in ("q4_0", "q4_k_m", "q8_0")}
-    wanted |= {"gemma-3n-e2b-it-mmproj", "gemma-3n-e4b-it-mmproj", "gemma-4-e2b-it-q4_k_m",
+    wanted |= {"gemma-3n-e2b-it-mmproj", "gemma-3n-e4b-it-mmproj", "gemma-4-e2b-it-q4_k_m", "gemma-4-e2b-it-q4_0",
                "whisper-base.en", "whisper-tiny.en", "gemma-3-270m"}
     assert wanted <= set(cat.models)
     for name in wanted:
@@ -597,7 +597,9 @@ def test_repository_catalog_parses_and_every_entry_is_complete() -> None:
             assert model.mmproj and cat.models[model.mmproj].kind == "mmproj", name
     assert cat.get("gemma-3n-e2b-it-q8_0").files[0].size == 4_788_112_064  # published values
     assert cat.get("gemma-3n-e2b-it-q4_k_m").files[0].size == 3_026_881_888
-    assert cat.get("gemma-4-e2b-it-q4_k_m").mmproj == "gemma-4-e2b-it-mmproj-f16"
+    # Gemma 4 E2B pairs with the Q8_0 projector: the F16 one (986 MB) does not fit a 2 GiB cap beside the model
+    assert {cat.get(f"gemma-4-e2b-it-{q}").mmproj for q in ("q4_0", "q4_k_m")} == {"gemma-4-e2b-it-mmproj-q8_0"}
+    assert cat.get("gemma-4-e2b-it-q4_0").files[0].size == 2_841_481_184
 
 
 def test_catalog_gemma_270m_matches_the_pypi_package() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -37,6 +38,7 @@ def agent_with_ha(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> I
     port = free_port()
     daemon = DaemonProcess(
         broker.port, testmodels.tiny_text(), "health.interval=1", f"health.prometheus_port={port}",
+        "health.prometheus_bind=127.0.0.2",
         "device.name=Front door", f"model.mmproj={testmodels.tiny_vision_projector()}", "camera.enabled=true",
         f"camera.source={video}", "camera.snapshot=true", "camera.input_size=256", "motion.enabled=true",
         "motion.cooldown=1", "microphone.enabled=true", f"microphone.source={wav}",
@@ -161,9 +163,27 @@ def test_health_is_retained_and_complete(agent_with_ha: Served) -> None:
     assert health["memory"]["rss"] > 0 and health["memory"]["rss_file"] > 0
     assert health["stages"]["mqtt"] == "ok" and health["mqtt"]["reconnects"] == 0
     assert health["outbox"]["dropped"] == 0
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+    with urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=5) as reply:  # prometheus_bind
         text = reply.read().decode()
     assert "gemma_agent_memory_rss " in text and "gemma_agent_mqtt_connected 1" in text
+    with pytest.raises(ConnectionRefusedError):  # bound to that address only
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_home_assistant_off_publishes_no_discovery(broker: Broker) -> None:
+    """homeassistant.enabled false: nothing on the discovery topic when the daemon connects (the health it publishes
+    right after discovery, through the same connection, is the barrier), and it does not follow Home Assistant's
+    status topic."""
+    daemon = DaemonProcess(broker.port, testmodels.tiny_text(), "homeassistant.enabled=false")
+    client = Client(broker.port)
+    client.subscribe(f"{daemon.base}/#", f"homeassistant/+/{daemon.device_id}/#")
+    daemon.start(client)
+    client.wait_for(f"{daemon.base}/health")
+    assert [m.topic for m in client.messages if m.topic.startswith("homeassistant/")] == []
+    daemon.stop()
+    assert "published Home Assistant discovery" not in daemon.log
+    daemon.stop()
+    client.close()
 
 
 def test_ha_remove_clears_every_retained_message(broker: Broker) -> None:

@@ -119,10 +119,26 @@ def test_speech_to_text_refuses_a_file_that_is_not_whisper(tmp_path: Path) -> No
         SpeechToText(WhisperConfig(model=str(bogus)), 1)
 
 
-def test_speech_to_text_runs_whisper_cpp() -> None:
-    stt = SpeechToText(WhisperConfig(model=str(testmodels.tiny_whisper())), 1)
-    tone = (np.sin(np.arange(16000) / 5.0) * 6000).astype(np.int16)
-    assert isinstance(stt.transcribe(tone), str)  # random weights: the words are nonsense, the path is real
+def test_whisper_settings_reach_whisper_cpp_and_change_what_it_hears() -> None:
+    """whisper.language, whisper.max_tokens and whisper.temperature_fallback are whisper.cpp's own parameters: each
+    is set on the model and changes the transcript of the same audio (random weights: the words are nonsense, the
+    effect of each setting is not)."""
+    tone = (np.sin(np.arange(32000) / 5.0) * 6000).astype(np.int16)
+
+    def hear(**settings: object) -> tuple[str, dict[str, object]]:
+        stt = SpeechToText(WhisperConfig(model=str(testmodels.tiny_whisper()), **settings), 1)  # type: ignore[arg-type]
+        return stt.transcribe(tone), stt.model.get_params()
+
+    default, params = hear()
+    assert default and default == hear()[0]  # deterministic: the comparisons below mean something
+    assert (params["language"], params["max_tokens"], params["n_threads"]) == ("en", 0, 1)
+    assert params["temperature_inc"] == pytest.approx(0.2)
+    german, params = hear(language="de")
+    assert params["language"] == "de" and german != default
+    capped, params = hear(max_tokens=1)
+    assert params["max_tokens"] == 1 and len(capped) < len(default)
+    greedy, params = hear(temperature_fallback=False)
+    assert params["temperature_inc"] == 0.0 and greedy != default
 
 
 def test_a_held_turn_passes_on_in_order_when_confirmed_and_nothing_when_dropped() -> None:

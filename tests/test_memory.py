@@ -24,7 +24,7 @@ from agent.memory import estimate as estimates
 from agent.memory import plan as planner
 from agent.memory import probe, shape
 from tests.support import models as testmodels
-from tests.support import synth
+from tests.support import synth, synth_gemma4, synth_gemma4v
 from tests.support.daemon import DaemonProcess
 from tests.support.fakes import fake_proc
 from tests.support.mqtt import Broker, Client
@@ -92,11 +92,15 @@ def _more_bits(i: int, n: int) -> bool:  # llama-quant.cpp's use_more_bits
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def q4_k_m_type(t: synth.TensorSpec, n_layer: int) -> GGMLQuantizationType:
-    """The type llama.cpp's Q4_K_M recipe gives a Gemma 3n tensor."""
+def q4_k_m_type(t: synth.TensorSpec, n_layer: int, per_layer_table: GGMLQuantizationType = Q.Q6_K
+                ) -> GGMLQuantizationType:
+    """The type llama.cpp's Q4_K_M recipe gives a Gemma 3n / Gemma 4 tensor (the per-layer embedding table: Q6_K
+    by default, Q5_K in the published files)."""
     if len(t.shape) < 2 or any(k in t.name for k in ("_norm.weight", "altup", "laurel", "per_layer_model_proj")):
         return t.qtype
-    if t.name in ("token_embd.weight", "per_layer_token_embd.weight"):
+    if t.name == "per_layer_token_embd.weight":
+        return per_layer_table
+    if t.name == "token_embd.weight":
         return Q.Q6_K
     if t.name.endswith(("attn_v.weight", "ffn_down.weight")) and _more_bits(int(t.name.split(".")[1]), n_layer):
         return Q.Q6_K
@@ -107,8 +111,13 @@ def header_only(path: Path, shape: synth.TextShape) -> Path:
     """A Q4_K_M Gemma 3n GGUF with the published shapes: real header, sparse (unwritten) tensor data."""
     specs = [dataclasses.replace(t, qtype=q4_k_m_type(t, shape.n_layer))
              for t in synth.gemma3n_text_tensors(shape, 262_144)]
-    writer = GGUFWriter(path, "gemma3n")
-    for key, value, vtype, sub in synth.gemma3n_text_metadata(shape, synth.Tokenizer(), None):
+    return sparse_gguf(path, "gemma3n", synth.gemma3n_text_metadata(shape, synth.Tokenizer(), None), specs)
+
+
+def sparse_gguf(path: Path, arch: str, kvs: list[synth.KV], specs: list[synth.TensorSpec]) -> Path:
+    """A GGUF with this header and sparse (unwritten) tensor data: as large as the real file, nothing on disk."""
+    writer = GGUFWriter(path, arch)
+    for key, value, vtype, sub in kvs:
         writer.add_key_value(key, value, vtype, sub_type=sub)
     for t in specs:
         dtype = np.dtype(np.float16 if t.qtype == Q.F16 else np.float32)
@@ -132,6 +141,64 @@ def e2b(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def e4b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return header_only(tmp_path_factory.mktemp("e4b") / "e4b-q4_k_m.gguf", synth.E4B)
+
+
+@pytest.fixture(scope="module")
+def gemma4_e2b(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(Gemma 4 E2B Q4_K_M as published: per-layer table Q5_K; its Q8_0 vision + audio projector), header only."""
+    folder = tmp_path_factory.mktemp("gemma4")
+    shape = synth_gemma4.GEMMA4_E2B
+    specs = [dataclasses.replace(t, qtype=q4_k_m_type(t, shape.n_layer, Q.Q5_K))
+             for t in synth_gemma4.gemma4_text_tensors(shape, 262_144)]
+    text = sparse_gguf(folder / "gemma4-e2b-q4_k_m.gguf", "gemma4",
+                       synth_gemma4.gemma4_text_metadata(shape, synth.Tokenizer(), None), specs)
+    vision, audio = synth_gemma4v.E2B_V, synth_gemma4v.E2B_A
+    projector = sparse_gguf(folder / "mmproj-q8_0.gguf", "clip",
+                            synth_gemma4v.gemma4_projector_metadata(vision, audio, shape.n_embd, Q.Q8_0),
+                            synth_gemma4v.gemma4_projector_tensors(shape.n_embd, vision, audio, Q.Q8_0))
+    return text, projector
+
+
+@pytest.mark.fast
+def test_gemma4_shape_is_read_from_its_header(gemma4_e2b: tuple[Path, Path]) -> None:
+    """Gemma 4's rules come from the header (models/gemma4.cpp): 15 of 35 layers own a KV cache (shared_kv_layers
+    20), global layers have 512-wide heads and sliding ones 256, 256 per-layer input dims, no AltUp streams."""
+    text, projector = (inspect(p) for p in gemma4_e2b)
+    assert abs(text.size - 3_106_738_272) / 3_106_738_272 < 0.01  # the published Q4_K_M recipe, to 1 %
+    assert abs(projector.size - 557_368_064) / 557_368_064 < 0.01  # the published Q8_0 projector
+    s = shape.Shape.of(text)
+    assert (s.n_layer, s.n_embd, s.n_altup, s.ple_width) == (35, 1536, 1, 256 * 35)
+    assert sum(s.kv_layers) == 15 and s.kv_layers[:15] == (True,) * 15
+    globals_ = [i for i in range(35) if not s.swa[i]]
+    assert globals_ == [4, 9, 14, 19, 24, 29, 34]
+    assert {s.head_k[i] for i in globals_} == {512} and {s.head_k[i] for i in range(35) if s.swa[i]} == {256}
+    kv = estimates.kv_bytes(s, estimates.Setting(n_ctx=2048))
+    assert kv == 2048 * 2 * 2 * (12 * 256 + 3 * 512)  # K and V, f16, 12 sliding + 3 global cache layers
+    assert estimates.kv_bytes(s, estimates.Setting(n_ctx=2048, swa_full=False)) == 2048 * 2 * 2 * 3 * 512 + \
+        1024 * 2 * 2 * 12 * 256  # sliding layers keep the window + a ubatch, padded to 256 cells
+
+
+@pytest.mark.fast
+def test_gemma4_e2b_fits_2_gib_with_its_projector_on_demand(gemma4_e2b: tuple[Path, Path]) -> None:
+    """Under 2 GiB, Gemma 4 E2B + its 557 MB projector: the projector cannot stay resident beside the per-token
+    weights, so it is loaded per image or clip; gemma4v's tokens (and so its encode memory) follow the frame size,
+    gemma4a's the utterance's length."""
+    text, projector = (inspect(p) for p in gemma4_e2b)
+    plan = planner.plan(text, ModelConfig(path=str(gemma4_e2b[0])), MemoryConfig(), projector, cpu=X86,
+                        baseline=BASELINE, limit=TWO_GIB, media=estimates.MediaUse(768, 15.0))
+    assert plan.chosen is not None and plan.fits
+    e = plan.chosen
+    assert not e.setting.projector_resident and e.projector == 0
+    assert any(t.setting.projector_resident and t.need > TWO_GIB.usable for t in plan.table)
+    weights, at_768 = estimates.projector_bytes(projector, estimates.MediaUse(768, 1.0))
+    assert weights == sum(t.nbytes for t in projector.tensors) and e.projector_transient >= weights + at_768
+    _, at_256 = estimates.projector_bytes(projector, estimates.MediaUse(256, 1.0))
+    assert at_256 * 256 == pytest.approx(at_768 * 81, rel=0.01)  # 81 vs 256 image tokens
+    _, long_clip = estimates.projector_bytes(projector, estimates.MediaUse(256, 30.0))
+    assert long_clip > at_256  # 750 audio tokens cost more than a small frame
+    assert plan.release_cold  # 3.1 GB of file beside ~1 GiB of anonymous memory
+    lines = plan.lines(rows=4)
+    assert "proj on-demand" in next(line for line in lines if line.startswith(" *"))  # shown, marked
 
 
 @pytest.mark.fast
@@ -531,7 +598,7 @@ def test_the_plan_says_what_it_chose_and_why(e2b: Path) -> None:
     assert lines[0] == "memory      budget 2048 MiB (test), margin 256 MiB, usable 1792 MiB; mode auto"
     assert lines[1] == f"memory plan {plan.chosen.setting.label()} -> fits"
     assert lines[2].startswith(f"  anonymous {round(plan.chosen.anon / MiB)} MiB = repacked weights ")
-    assert f"  ... {len(plan.table) - 3} slower settings not shown" == lines[-1]
+    assert f"  ... {len(plan.table) - 3} more settings not shown" == lines[-1]
     assert sum(line.startswith(" *") for line in plan.lines(rows=len(plan.table))) == 1
     assert plan.summary().endswith("MiB usable (test 2048 MiB less margin 256 MiB)")
     e = plan.chosen

@@ -88,6 +88,17 @@ def test_min_area_and_threshold(moving: list[np.ndarray]) -> None:
     assert run(moving, threshold=250)[0] == []  # nothing changes by more than 250 grey levels
 
 
+def test_motion_is_compared_at_scale_width(moving: list[np.ndarray]) -> None:
+    """motion.scale_width sets the resolution frames are compared at (the 320 px video shrunk, aspect kept): at 40
+    px the 48 px square still moves visibly every frame; at 16 px its 6 px steps vanish into the blur."""
+    coarse, det = run(moving, cooldown=0.0, scale_width=40)
+    assert det._prev is not None and det._prev.shape == (30, 40)
+    assert len(coarse) == len(moving) - 1
+    blurred, det = run(moving, cooldown=0.0, scale_width=16)
+    assert det._prev is not None and det._prev.shape == (12, 16)
+    assert len(blurred) <= 2
+
+
 def test_events_go_to_a_sink_or_a_bounded_queue(moving: list[np.ndarray]) -> None:
     got: list[MotionEvent] = []
     det = MotionDetector(MotionConfig(cooldown=0.0), sink=got.append)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.app import open_outbox
+from agent.config import load
 from agent.mqtt.outbox import Outbox
 from tests.support.paths import ROOT
 
@@ -28,8 +30,13 @@ def test_put_pending_ack(tmp_path: Path) -> None:
     box.close()
 
 
+def configured(tmp_path: Path, *overrides: str) -> Outbox:
+    """The outbox the daemon opens (agent.app.open_outbox) for these config overrides."""
+    return open_outbox(load(None, [f"outbox.path={tmp_path / 'o.sqlite3'}", *overrides], environ={}))
+
+
 def test_bounds_drop_oldest_first_and_count(tmp_path: Path) -> None:
-    box = Outbox(tmp_path / "o.sqlite3", max_messages=3, max_bytes=10_000)
+    box = configured(tmp_path, "outbox.max_messages=3", "outbox.max_bytes=10000")
     for n in range(5):
         box.put("t", f"message {n}".encode())
     assert [m.payload for m in box.pending()] == [b"message 2", b"message 3", b"message 4"]
@@ -40,7 +47,7 @@ def test_bounds_drop_oldest_first_and_count(tmp_path: Path) -> None:
 
 
 def test_age_bound(tmp_path: Path) -> None:
-    box = Outbox(tmp_path / "o.sqlite3", max_age=60)
+    box = configured(tmp_path, "outbox.max_age=60")
     box.put("t", b"old")
     box._db.execute("UPDATE outbox SET created = created - 120")
     box.put("t", b"new")

@@ -18,7 +18,7 @@ from agent.llm.prompt import ChatTemplate, TemplateProblem, gemma_prompt
 from agent.turns.types import Turn
 from tests.support import models as testmodels
 from tests.support import synth
-from tests.support.mtmd import mtmd_context, pcm_bitmap, rgb_bitmap, text_context, tokenize
+from tests.support.mtmd import eval_chunks, mtmd_context, pcm_bitmap, rgb_bitmap, text_context, tokenize
 
 CHUNK_TEXT, CHUNK_IMAGE, CHUNK_AUDIO = 0, 1, 2  # mtmd_input_chunk_type
 
@@ -171,9 +171,7 @@ def test_audio_projector_tokenizes_and_evaluates_pcm() -> None:
             try:
                 audio = [n for t, n in found if t == CHUNK_AUDIO]
                 counts.append(audio[0])
-                n_past = llama_cpp.llama_pos(0)
-                rc = mtmd.mtmd_helper_eval_chunks(ctx, lctx, chunks, 0, 0, 512, True, ctypes.byref(n_past))
-                assert rc == 0 and n_past.value == sum(n for _t, n in found)
+                eval_chunks(ctx, lctx, chunks, found)
             finally:
                 mtmd.mtmd_input_chunks_free(chunks)
                 mtmd.mtmd_bitmap_free(bitmap)

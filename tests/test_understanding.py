@@ -38,18 +38,6 @@ def error(client: Client, base: str, code: str) -> dict[str, Any]:
     return payload_json(client.wait_for(f"{base}/error", lambda m: payload_json(m)["error"] == code)[0])
 
 
-@pytest.fixture(scope="module")
-def door_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_video(tmp_path_factory.mktemp("video") / "door.avi", 90, fps=15.0, width=640, height=480,
-                       frame=moving_square)
-
-
-@pytest.fixture(scope="module")
-def question_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pcm, _ = compose([(0.4, espeak("What is at the front door?"))], total_s=3.0)
-    return write_wav(tmp_path_factory.mktemp("wav") / "question.wav", pcm)
-
-
 def vision_args(video: Path, size: int = 512) -> tuple[str, ...]:
     return (f"model.mmproj={testmodels.tiny_vision_projector()}", "camera.enabled=true", f"camera.source={video}",
             f"camera.input_size={size}")
@@ -161,8 +149,9 @@ def test_speech_goes_to_the_model_as_native_audio(broker: Broker, question_wav: 
 def test_speech_through_whisper_publishes_the_transcript_and_answers_it(broker: Broker, question_wav: Path) -> None:
     daemon, client = start(broker, testmodels.tiny_text(), "microphone.enabled=true",
                            f"microphone.source={question_wav}", "microphone.realtime=false",
-                           f"whisper.model={testmodels.tiny_whisper()}")
+                           f"whisper.model={testmodels.tiny_whisper()}", "whisper.threads=1")
     transcript = payload_json(client.wait_for(f"{daemon.base}/transcript")[0])
+    assert "(en, 1 threads)" in daemon.wait_log("speech-to-text: whisper.cpp")  # whisper.threads, not the model's
     assert isinstance(transcript["text"], str) and transcript["text"]
     body = response(client, daemon.base, transcript["id"])
     assert body["source"] == "speech" and body["transcript"] == transcript["text"]

@@ -10,9 +10,11 @@ import pytest
 
 from agent.config import ModelConfig
 from agent.contract.codes import AgentError
+from agent.llm import llama_shim
 from agent.llm.local import LocalModel
-from agent.turns.types import Media, Request
+from agent.turns.types import Media, Request, Turn
 from tests.support import models as testmodels
+from tests.support.models_gemma4 import tiny_gemma4_projector
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,35 @@ def test_projector_release_and_reload(model: LocalModel) -> None:
     assert model.release_projector() and not model.projector_loaded
     assert model.generate(Request(text="Hi", media=[Media("image", picture(4))])).image_tokens == 256
     assert model.projector_loaded
+
+
+@pytest.mark.parametrize("projector", ["gemma3nv", "gemma4v"])
+def test_a_follow_up_on_a_cached_picture_needs_no_projector(projector: str) -> None:
+    """A follow-up about the picture the KV cache holds is cut from the previous prompt's pieces: the projector is
+    not loaded (under an on-demand plan that was half of a follow-up's time), and the tokens are exactly the ones
+    libmtmd makes of the same prompt. A new picture, or a cache that lost the old one, goes through libmtmd."""
+    path = testmodels.tiny_vision_projector() if projector == "gemma3nv" else tiny_gemma4_projector()
+    m = LocalModel(ModelConfig(path=str(testmodels.tiny_text()), mmproj=str(path), temperature=0.0, max_tokens=6,
+                               n_ctx=2048))
+    try:
+        shown = Turn("user", "What is this?", (Media("image", picture(7)),))
+        first = m.generate(Request(text=shown.text), turns=[shown])
+        m.release_projector()
+        turns = [shown, Turn("model", first.text), Turn("user", "Is it red?")]
+        follow = m.generate(Request(text="Is it red?"), turns=turns)
+        assert not m.projector_loaded and follow.projector_load_ms == 0 and follow.encode_ms == 0
+        assert follow.image_tokens == first.image_tokens and follow.cached_tokens > first.prompt_tokens
+        cut = m._media_prompt(turns, None)  # again from the pieces ...
+        m._tokenized = None
+        made = m._media_prompt(turns, None)  # ... and by libmtmd, which loads the projector
+        assert m.projector_loaded and cut.tokens == made.tokens
+        made.close()
+        m.release_projector()
+        llama_shim.keep_prefix(m.llm, 0)  # the cache lost the picture: libmtmd cuts it, and it is encoded again
+        again = m.generate(Request(text="Is it red?"), turns=turns)
+        assert again.encode_ms > 0 and again.image_tokens == first.image_tokens
+    finally:
+        m.close()
 
 
 def test_a_model_without_projector_refuses_images() -> None:

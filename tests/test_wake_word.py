@@ -86,6 +86,16 @@ def test_a_community_model_is_loaded_from_its_json_path(tmp_path: Path) -> None:
     assert len(detections(WakeWordDetector(model), pcm)) == 1
 
 
+def test_a_longer_sliding_window_needs_the_word_held_longer() -> None:
+    """wake_word.sliding_window averages that many 10 ms probabilities: the bundled 5 hears "okay nabu", a window
+    of 60 (0.6 s of sustained certainty) no longer does."""
+    pcm, _, _ = wake_then_question(VOICES[0], None)
+    short, long = (resolve(WakeWordConfig(sliding_window=n)) for n in (0, 60))
+    assert (short.window, long.window) == (5, 60)
+    assert len(detections(WakeWordDetector(short), pcm)) == 1
+    assert detections(WakeWordDetector(long), pcm) == []
+
+
 @pytest.mark.parametrize(("setting", "message"), [
     ("okay_nabo", "'okay_nabo' is not a bundled model (alexa, hey_jarvis, hey_mycroft, okay_nabu)"),
     ("{tmp}/absent.json", "wake_word.model: {tmp}/absent.json not found"),

@@ -9,10 +9,13 @@ import argparse
 import os
 import wave
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import Config, ConfigError
 from agent.contract.exitcodes import ExitCode
+
+if TYPE_CHECKING:
+    from agent.gguf import GgufInfo
 
 
 def add(sub: Any) -> None:
@@ -60,7 +63,7 @@ def check_model(cfg: Config, report: Report) -> bool | None:
         return cfg.remote.audio
     from agent.gguf import ModelFileError, describe, verify
     from agent.llm.input_size import resized
-    from agent.llm.loader import speech_bytes
+    from agent.llm.loader import media_use, speech_bytes
     from agent.llm.prompt import prompt_format
     from agent.memory.plan import plan
 
@@ -77,7 +80,8 @@ def check_model(cfg: Config, report: Report) -> bool | None:
     except ModelFileError as exc:
         report.line("model", str(exc), ExitCode.EX_NOINPUT if exc.missing else ExitCode.EX_DATAERR)
         return None
-    chosen = plan(info, cfg.model, cfg.memory, projector=sized or projector, speech=speech_bytes(cfg, projector))
+    chosen = plan(info, cfg.model, cfg.memory, projector=sized or projector, speech=speech_bytes(cfg, projector),
+                  media=media_use(cfg))
     print("\n".join(chosen.lines()))
     if chosen.chosen is None:
         report.line("memory", "nothing fits the budget: run refuses to load it (see the plan above)",
@@ -86,11 +90,32 @@ def check_model(cfg: Config, report: Report) -> bool | None:
         report.line("projector", "none (model.mmproj is empty): text only")
         return False
     vision, audio = projector.projector_inputs()
-    report.line("projector", f"{projector.path} ({projector.metadata.get('clip.projector_type', '?')}): vision "
+    kinds = " + ".join(kind for kind in projector.projector_types() if kind) or "?"
+    report.line("projector", f"{projector.path} ({kinds}): vision "
                 f"{'yes' if vision else 'no'}, audio {'yes' if audio else 'no'} (per its header; libmtmd confirms "
                 "at start)" + (f"; encodes at {cfg.camera.input_size} px through a copy made at the first start"
                                if sized else ""))
+    print(f"media       {media_cost(sized or projector, cfg)}")
     return audio
+
+
+def media_cost(projector: GgufInfo, cfg: Config) -> str:
+    """What one image and one utterance cost in tokens, and the projector's memory while encoding."""
+    from agent.llm.loader import media_use
+    from agent.memory.estimate import projector_bytes
+    from agent.memory.tokens import audio_tokens_for, image_tokens
+
+    media = media_use(cfg)
+    weights, compute = projector_bytes(projector, media)
+    parts = []
+    frame = image_tokens(projector, media.image_side)
+    if frame:
+        parts.append(f"{frame} tokens per {media.image_side} px frame")
+    if audio_tokens_for(projector, 1.0):
+        parts.append(f"{audio_tokens_for(projector, 1.0)} audio tokens per second "
+                     f"({audio_tokens_for(projector, media.audio_s)} for a {media.audio_s:g} s utterance)")
+    return (", ".join(parts) or "no media the planner knows") + (
+        f"; projector weights {round(weights / 2**20)} MiB + {round(compute / 2**20)} MiB while encoding")
 
 
 def check_speech(cfg: Config, audio: bool | None, report: Report) -> None:

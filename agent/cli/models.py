@@ -1,4 +1,5 @@
-"""`gemma-agent models list | pull NAME | verify [NAME] | remove NAME`: the model catalog and its files."""
+"""`gemma-agent models list | pull NAME | verify [NAME] | remove NAME | convert NAME --checkpoint DIR`: the model
+catalog and its files."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.catalog import download
+from agent.catalog import convert, download
 from agent.catalog.catalog import Catalog, CatalogError, FetchError, load_catalog
 from agent.catalog.download import (
     DEFAULT_DIR,
@@ -65,6 +66,29 @@ def add(subparsers: Any) -> argparse.ArgumentParser:
     verify_p.add_argument("name", nargs="?", help="one model (default: every model with files present)")
     remove_p = sub.add_parser("remove", parents=[common], help="delete a model's files and partial downloads")
     remove_p.add_argument("name", help="model name")
+    convert_codes = (convert.__doc__ or "").split("Exit codes", 1)[1]
+    convert_p = sub.add_parser(
+        "convert", parents=[common], help="build an unpublished projector from its Hugging Face checkpoint",
+        description="Build a projector GGUF that is not published (Gemma 3n's gemma3nv) from the Hugging Face "
+                    "checkpoint with the llama.cpp converter vendored in the installed llama-cpp-python, check "
+                    "its header and put it in the models directory under the catalog's name. Needs torch and "
+                    "transformers (pip install 'gemma-agent[convert]', or --python); run it on a bigger machine "
+                    "and copy the file to the board.",
+        epilog="exit codes" + convert_codes, formatter_class=argparse.RawDescriptionHelpFormatter)
+    convert_p.add_argument("name", help=f"projector to build: {', '.join(convert.CONVERTIBLE)}")
+    convert_p.add_argument("--checkpoint", type=Path, required=True, metavar="DIR",
+                           help="the downloaded checkpoint (config.json, preprocessor_config.json, *.safetensors), "
+                                "e.g. of google/gemma-3n-E2B-it")
+    convert_p.add_argument("--llama-cpp", type=Path, default=None, metavar="DIR",
+                           help="a llama.cpp checkout with convert_hf_to_gguf.py (default: the one vendored in the "
+                                "installed llama-cpp-python, from its source distribution on PyPI, cached)")
+    convert_p.add_argument("--python", default=None, metavar="PATH",
+                           help="Python interpreter with torch and transformers (default: this one)")
+    convert_p.add_argument("--text-model", type=Path, default=None, metavar="GGUF",
+                           help="also check that the projector's width matches this text model's n_embd")
+    convert_p.add_argument("--outtype", default="f16", choices=["f16", "bf16", "f32"],
+                           help="tensor type (default f16, the catalog's file name)")
+    convert_p.add_argument("--force", action="store_true", help="replace an existing file")
     return p
 
 
@@ -140,5 +164,15 @@ def _cmd_remove(catalog: Catalog, args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _cmd_convert(catalog: Catalog, args: argparse.Namespace) -> int:
+    path, s = convert.convert(catalog, args.name, args.checkpoint, args.dir, llama_cpp=args.llama_cpp,
+                              python=args.python, text_model=args.text_model, outtype=args.outtype, force=args.force)
+    print(path)
+    print(f"checked: arch clip, projector {s['projector_type']}, {s['image_tokens']} image tokens "
+          f"(image_size {s['image_size']} / patch_size {s['patch_size']}), n_embd {s['n_embd']}, "
+          f"{s['tensors']} tensors, {human_size(s['size'])}; copy it to the board's models directory")
+    return ExitCode.OK
+
+
 _COMMANDS: dict[str, Callable[[Catalog, argparse.Namespace], int]] = {
-    "list": _cmd_list, "pull": _cmd_pull, "verify": _cmd_verify, "remove": _cmd_remove}
+    "list": _cmd_list, "pull": _cmd_pull, "verify": _cmd_verify, "remove": _cmd_remove, "convert": _cmd_convert}

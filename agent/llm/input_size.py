@@ -41,7 +41,7 @@ def resized(info: GgufInfo, size: int) -> GgufInfo | None:
     """The header a copy of projector `info` that encodes at `size` would have; None when `info` itself does (or
     its size cannot change). Raises ModelFileError for a size its token grid does not divide."""
     md = info.metadata
-    if md.get("clip.projector_type") not in RESIZABLE:
+    if info.projector_types()[0] not in RESIZABLE:
         return None
     native, patch = int(md.get("clip.vision.image_size", 0)), int(md.get("clip.vision.patch_size", 0))
     if native == size or not native or not patch:

@@ -14,7 +14,7 @@ from agent.gguf import GgufInfo, ModelFileError, verify
 from agent.llm.engine import Backend
 from agent.llm.input_size import projector_for
 from agent.llm.local import LocalModel, ModelLoadError
-from agent.memory.estimate import whisper_bytes
+from agent.memory.estimate import MediaUse, whisper_bytes
 from agent.memory.plan import plan
 from agent.memory.shape import MemoryPlanError
 from agent.turns.speech import speech_route
@@ -41,7 +41,8 @@ def load_model(cfg: Config) -> LocalModel:
             log.info("projector: %s encodes at %d px", model_cfg.mmproj, cfg.camera.input_size)
     projector = verify(model_cfg.mmproj) if model_cfg.mmproj else None
     try:  # the load setting that fits the memory budget (bench/RESULTS.md), or a refusal with the table
-        chosen = plan(info, model_cfg, cfg.memory, projector=projector, speech=speech_bytes(cfg, projector))
+        chosen = plan(info, model_cfg, cfg.memory, projector=projector, speech=speech_bytes(cfg, projector),
+                      media=media_use(cfg))
     except MemoryPlanError as exc:
         raise ModelLoadError(str(exc)) from None
     if chosen.chosen is None:
@@ -49,6 +50,11 @@ def load_model(cfg: Config) -> LocalModel:
     for line in chosen.lines(rows=4):
         log.info("%s", line)
     return LocalModel(model_cfg, plan=chosen)
+
+
+def media_use(cfg: Config) -> MediaUse:
+    """The largest image and clip a turn hands the projector: a camera frame, an utterance."""
+    return MediaUse(cfg.camera.input_size, cfg.vad.max_utterance_s)
 
 
 def speech_bytes(cfg: Config, projector: GgufInfo | None) -> int:

@@ -19,7 +19,7 @@ from agent.contract.codes import AgentError, ErrorCode, StopReason
 from agent.llm import llama_shim
 from agent.llm.engine import must_stop
 from agent.llm.native_logs import route_llama_logs
-from agent.llm.projector import Projector, ProjectorError, Prompt, decode_embeddings
+from agent.llm.projector import Projector, ProjectorError, Prompt, Tokenized, decode_embeddings, media_marker
 from agent.llm.prompt import END, ChatTemplate, TemplateProblem, completion_prompt, gemma_prompt, prompt_format
 from agent.memory import apply
 from agent.memory.plan import Plan
@@ -100,6 +100,7 @@ class LocalModel:
             self._apply_lora(cfg.lora, cfg.lora_scale)
         self.threads = threads
         self._projector: Projector | None = None
+        self._tokenized: Tokenized | None = None  # the last media prompt, to cut a follow-up without the projector
         self.projector_used = 0.0
         self._load_s = self._encode_s = 0.0  # this turn's projector load and encode time
         # False when the memory plan loads the projector for each image and frees it before decoding
@@ -264,14 +265,23 @@ class LocalModel:
                 self.release_projector("an on-demand plan")
 
     def _media_prompt(self, turns: list[Turn], system: str | None) -> Prompt:
-        """The prompt cut into text and media pieces: each turn's media (a marker each, before its text)."""
-        projector = self.projector()
-        marked = [Turn(t.role, projector.marker * len(t.media) + t.text) for t in turns]
+        """The prompt cut into text and media pieces: each turn's media (a marker each, before its text). A
+        follow-up that only adds text after media the KV cache already holds is cut from the previous prompt's
+        pieces, without loading the projector (under an on-demand plan that load was half a follow-up's time)."""
+        marker = media_marker()
+        text = self.render([Turn(t.role, marker * len(t.media) + t.text) for t in turns], system)
         media = [m for t in turns for m in t.media]
+        keys = tuple(m.key for m in media)
+        reused = self._tokenized.extended(text, keys, marker, self.tokenize) if self._tokenized else None
+        if reused is not None and self.cached_prefix(reused.tokens) >= reused.media_end:
+            self._tokenized = reused
+            return Prompt(None, list(reused.pieces))
         try:
-            return projector.prompt(self.render(marked, system), media)
+            prompt = self.projector().prompt(text, media)
         except ProjectorError as exc:
             raise AgentError(ErrorCode.PROJECTOR_ERROR, str(exc)) from None
+        self._tokenized = Tokenized.of(text, keys, prompt.pieces)
+        return prompt
 
     def _run(self, request: Request, tokens: list[int], prompt: Prompt | None, started: float, deadline: float,
              on_delta: Callable[[str, int], None] | None, cancel: Flag | None) -> Result:

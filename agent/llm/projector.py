@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,55 @@ class Prompt:
         if self._chunks is not None:
             mtmd.mtmd_input_chunks_free(self._chunks)
             self._chunks = None
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """A media prompt as text and token pieces, without libmtmd's chunks: enough to cut a later prompt that only
+    adds text after the last media item (a follow-up question about the same picture) without the projector."""
+
+    text: str  # the rendered prompt, a marker where each media item goes
+    keys: tuple[int, ...]  # the media items' content keys, in order
+    pieces: tuple[Piece, ...]  # chunk None
+
+    @classmethod
+    def of(cls, text: str, keys: tuple[int, ...], pieces: list[Piece]) -> Tokenized:
+        return cls(text, keys, tuple(Piece(p.tokens, None, p.kind, p.n_tokens) for p in pieces))
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for p in self.pieces for t in p.tokens]
+
+    @property
+    def media_end(self) -> int:
+        """Tokens up to the end of the last media piece: what the KV cache must hold to skip the projector."""
+        last = max(i for i, p in enumerate(self.pieces) if p.kind != "text")
+        return sum(len(p.tokens) for p in self.pieces[:last + 1])
+
+    def extended(self, text: str, keys: tuple[int, ...], marker: str,
+                 tokenize: Callable[[str], list[int]]) -> Tokenized | None:
+        """This prompt's pieces up to its last media item, then `text`'s own tail, when `text` is this prompt's text
+        up to the last marker with other text after it, and the same media; None when libmtmd must cut it.
+
+        libmtmd tokenizes the text after a media chunk on its own, after what the projector adds there (Gemma 3's
+        <end_of_image>, nothing for others): that addition is learnt from this prompt (its tail piece = addition +
+        the plain tokens of its tail text), and checked, so a projector doing anything else falls back."""
+        cut = self.text.rfind(marker) + len(marker)
+        media = [i for i, p in enumerate(self.pieces) if p.kind != "text"]
+        if not keys or keys != self.keys or text[:cut] != self.text[:cut] or media[-1] != len(self.pieces) - 2:
+            return None
+        after, plain = self.pieces[-1].tokens, tokenize(self.text[cut:])
+        if len(plain) > len(after) or after[len(after) - len(plain):] != plain:
+            return None
+        added = after[:len(after) - len(plain)]
+        return Tokenized(text, keys, (*self.pieces[:-1], Piece(added + tokenize(text[cut:]))))
+
+
+def media_marker() -> str:
+    """The text libmtmd replaces with a media chunk (the same for every projector)."""
+    from llama_cpp import mtmd_cpp as mtmd
+
+    return str(mtmd.mtmd_default_marker().decode())
 
 
 @dataclass(frozen=True)
@@ -119,7 +169,6 @@ class Projector:
         self.vision = bool(mtmd.mtmd_support_vision(self.ctx))
         self.audio = bool(mtmd.mtmd_support_audio(self.ctx))
         self.sample_rate = int(mtmd.mtmd_get_audio_sample_rate(self.ctx)) if self.audio else 0
-        self.marker = mtmd.mtmd_default_marker().decode()
         self.n_embd = int(llama_cpp.llama_model_n_embd(model))
         log.info("projector loaded: %s (vision %s, audio %s)", path, self.vision, self.audio)
 

@@ -14,6 +14,7 @@ from typing import Any
 from agent.gguf import GgufInfo
 from agent.memory.probe import MiB, python_baseline
 from agent.memory.shape import GET_ROWS_TABLES, Cpu, Q, Shape, row_bytes
+from agent.memory.tokens import PATCH_MERGE, audio_tokens_for, image_tokens
 
 PAGE = mmap.PAGESIZE
 KV_TYPES = {"f16": Q.F16, "q8_0": Q.Q8_0}
@@ -41,11 +42,29 @@ CALIBRATION: dict[str, float] = {
     # copies), in units of the first stage's widest activation ((image_size / 4)^2 x its expansion channels x 4
     # bytes): MobileNetV5-300M at 768 x 768 measured ~560 MiB on top of its weights
     "vision_stage0_activations": 7.8,
-    "vision_bytes_per_pixel": 960,  # projectors without MobileNetV5 stage-0 tensors
+    "vision_bytes_per_pixel": 960,  # other projectors without MobileNetV5 stage-0 tensors
+    # gemma4v (a ViT over 16 px patches, pooled 3 x 3): float32 activations per patch, in units of its width;
+    # Gemma 4 E2B's 768-wide encoder measured +36/+130/+470 MiB for 81/256/920 tokens (bench/RESULTS.md)
+    "vit_floats_per_patch_width": 19.3,
+    # gemma4a (conformer): per audio token (25 per second), in units of its width; E2B's 1024-wide encoder measured
+    # +4/+21 MiB for 2/5 s of speech (an upper bound for short clips)
+    "conformer_floats_per_token_width": 58,
     # whisper.cpp (speech-to-text beside the model): its weights are read into anonymous memory, plus encoder and
     # decoder buffers; a whisper base.en-shaped model (141 MiB file) holds 240 MiB after a transcription
     "whisper_anon_per_file_byte": 1.7,
 }
+
+
+@dataclass(frozen=True)
+class MediaUse:
+    """The largest media one turn hands the projector: a square camera frame of `image_side` px
+    (camera.input_size) and `audio_s` seconds of speech (vad.max_utterance_s)."""
+
+    image_side: int = 768
+    audio_s: float = 15.0
+
+
+LARGEST_MEDIA = MediaUse()  # the defaults: the largest camera.input_size, the default vad.max_utterance_s
 
 
 @dataclass(frozen=True)
@@ -102,7 +121,7 @@ class Estimate:
 
 def estimate(info: GgufInfo, setting: Setting, cpu: Cpu | None = None, baseline: int | None = None,
              projector: GgufInfo | None = None, n_tokens: int | None = None, n_kv: int | None = None,
-             speech: int = 0) -> Estimate:
+             speech: int = 0, media: MediaUse = LARGEST_MEDIA) -> Estimate:
     """Predict the memory of `info` loaded with `setting`. `n_tokens` (default: a full ubatch) and `n_kv` (default:
     the whole context) size the compute buffer; `baseline` defaults to this process's anonymous memory now."""
     cpu = cpu or Cpu.detect()
@@ -147,7 +166,7 @@ def estimate(info: GgufInfo, setting: Setting, cpu: Cpu | None = None, baseline:
     est.fixed = int(cal["load_fixed_bytes"] + 4 * shape.n_vocab + cal["bytes_per_tensor"] * len(info.tensors)
                     + (0 if imported else cal["import_anon_bytes"]))  # + the output buffer (one row of logits)
     if projector is not None:
-        weights, compute = projector_bytes(projector)
+        weights, compute = projector_bytes(projector, media)
         est.projector = weights if setting.projector_resident else 0
         est.projector_transient = compute + (0 if setting.projector_resident else weights)
     return est
@@ -185,7 +204,7 @@ def kv_bytes(shape: Shape, s: Setting) -> int:
             continue
         cells = swa_size if shape.swa[il] else size
         heads = shape.kv_heads[il]
-        total += cells * (row_bytes(kv_type, shape.head_k * heads) + row_bytes(kv_type, shape.head_v * heads))
+        total += cells * (row_bytes(kv_type, shape.head_k[il] * heads) + row_bytes(kv_type, shape.head_v[il] * heads))
     return total
 
 
@@ -198,23 +217,36 @@ def compute_bytes(shape: Shape, s: Setting, n_tokens: int | None = None, n_kv: i
     kv = min(n_kv or s.n_ctx, s.n_ctx)
     width = shape.n_embd * shape.n_altup + shape.n_ff + shape.ple_width
     per_token = (cal["act_width_floats_per_token"] * width + cal["act_q_floats_per_token"] * shape.n_head
-                 * shape.head_k + 2 * kv)  # + the causal masks (sliding and global)
+                 * max(shape.head_k) + 2 * kv)  # + the causal masks (sliding and global)
     if not s.flash_attn:
         per_token += shape.n_head * kv  # the attention scores, materialized without flash attention
     return int(cal["turn_fixed_bytes"] + 4 * cal["act_width_fixed_floats"] * width + 4 * per_token * n)
 
 
-def projector_bytes(info: GgufInfo) -> tuple[int, int]:
-    """A libmtmd projector: (weights, compute while encoding). clip.cpp reads every tensor into anonymous
-    memory; its compute buffer is reserved at load and touched while an image is encoded."""
+def projector_bytes(info: GgufInfo, media: MediaUse = LARGEST_MEDIA) -> tuple[int, int]:
+    """A libmtmd projector: (weights, compute while encoding the largest image or clip of `media`). clip.cpp
+    reads every tensor into anonymous memory; its compute buffer is touched while an image or clip is encoded
+    (one at a time: a projector with both encoders needs the larger of the two)."""
     weights = sum(t.nbytes for t in info.tensors)
-    size = int(info.metadata.get("clip.vision.image_size", 0) or 0)
+    md, cal = info.metadata, CALIBRATION
+    vision, audio = info.projector_types()
+    size = int(md.get("clip.vision.image_size", 0) or 0)
     stage0 = [t.shape[3] for t in info.tensors if t.name.startswith("v.blk.0.") and t.name.endswith(
         "conv_exp.weight") and len(t.shape) == 4]
+    compute = 0
     if stage0:
-        widest = (size // 4) ** 2 * max(stage0) * 4
-        return weights, int(CALIBRATION["vision_stage0_activations"] * widest)
-    return weights, int(CALIBRATION["vision_bytes_per_pixel"] * size * size)
+        compute = int(cal["vision_stage0_activations"] * (size // 4) ** 2 * max(stage0) * 4)
+    elif vision == "gemma4v":
+        patches = image_tokens(info, media.image_side) * PATCH_MERGE ** 2
+        width = int(md.get("clip.vision.embedding_length", 0) or 0)
+        compute = int(cal["vit_floats_per_patch_width"] * 4 * width * patches)
+    elif vision:
+        compute = int(cal["vision_bytes_per_pixel"] * size * size)
+    if audio == "gemma4a":
+        width = int(md.get("clip.audio.embedding_length", 0) or 0)
+        clip = cal["conformer_floats_per_token_width"] * 4 * width * audio_tokens_for(info, media.audio_s)
+        compute = max(compute, int(clip))
+    return weights, compute
 
 
 def whisper_bytes(file_size: int) -> int:

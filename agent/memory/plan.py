@@ -20,7 +20,7 @@ from typing import Any
 
 from agent.config import MemoryConfig, ModelConfig
 from agent.gguf import GgufInfo, inspect
-from agent.memory.estimate import Estimate, Setting, estimate
+from agent.memory.estimate import LARGEST_MEDIA, Estimate, MediaUse, Setting, estimate
 from agent.memory.probe import MiB, cgroup_limit, mem_total, python_baseline
 from agent.memory.shape import Cpu, MemoryPlanError
 
@@ -149,6 +149,8 @@ class Plan:
                               f"leaving {_mib(b.usable - weights)} MiB for KV cache, compute and Python"))
         out.extend(self.notes)
         shown = self.table if self.chosen is None else self.table[:rows]
+        if self.chosen is not None and self.chosen not in shown:  # the chosen row, below faster ones that do not fit
+            shown = [*shown[:rows - 1], self.chosen]
         out.append(f"  {'setting':<46} {'anon':>6} {'hot':>6} {'need':>6}  verdict (MiB)")
         for e in shown:
             verdict = "fits" if e.need <= b.usable else f"over by {_mib(e.need - b.usable)}"
@@ -156,7 +158,7 @@ class Plan:
             out.append(f" {mark}{e.setting.label():<46} {_mib(e.anon):>6} {_mib(e.hot_file):>6} "
                        f"{_mib(e.need):>6}  {verdict}")
         if len(self.table) > len(shown):
-            out.append(f"  ... {len(self.table) - len(shown)} slower settings not shown")
+            out.append(f"  ... {len(self.table) - len(shown)} more settings not shown")
         return out
 
     def refusal(self) -> str:
@@ -176,18 +178,20 @@ def _mib(n: int) -> int:
 
 
 def plan(info: GgufInfo, model: ModelConfig, cfg: MemoryConfig, projector: GgufInfo | None = None,
-         cpu: Cpu | None = None, baseline: int | None = None, limit: Budget | None = None, speech: int = 0) -> Plan:
+         cpu: Cpu | None = None, baseline: int | None = None, limit: Budget | None = None, speech: int = 0,
+         media: MediaUse = LARGEST_MEDIA) -> Plan:
     """The fastest setting that fits (auto), or the configured one with its prediction (manual); `speech`: the
-    anonymous bytes of a speech-to-text model that runs beside it (estimate.whisper_bytes)."""
+    anonymous bytes of a speech-to-text model that runs beside it (estimate.whisper_bytes); `media`: the largest
+    image and clip the projector encodes."""
     cpu = cpu or Cpu.detect()
     base = python_baseline() if baseline is None else baseline
     limit = limit or budget(cfg)
     notes: list[str] = []
     if cfg.mode == "manual":
-        table = [estimate(info, manual_setting(model, cfg), cpu, base, projector, speech=speech)]
+        table = [estimate(info, manual_setting(model, cfg), cpu, base, projector, speech=speech, media=media)]
         chosen: Estimate | None = table[0]
     else:
-        table = [estimate(info, s, cpu, base, projector, speech=speech)
+        table = [estimate(info, s, cpu, base, projector, speech=speech, media=media)
                  for s in candidates(model, cfg, cpu, info, projector is not None)]
         chosen = next((e for e in table if e.need <= limit.usable), None)
     result = Plan(info.path, limit, chosen, table, cfg.mode, notes=notes)
@@ -199,12 +203,13 @@ def plan(info: GgufInfo, model: ModelConfig, cfg: MemoryConfig, projector: GgufI
         notes.append(f"  faster settings need more than {_mib(limit.usable)} MiB (first: "
                      f"{table[0].setting.label()}, {_mib(table[0].need)} MiB)")
     if chosen is None:
-        notes.extend(what_would_fit(info, model, cfg, projector, cpu, base, limit, table, speech))
+        notes.extend(what_would_fit(info, model, cfg, projector, cpu, base, limit, table, speech, media))
     return result
 
 
 def what_would_fit(info: GgufInfo, model: ModelConfig, cfg: MemoryConfig, projector: GgufInfo | None, cpu: Cpu,
-                   baseline: int, limit: Budget, table: list[Estimate], speech: int = 0) -> list[str]:
+                   baseline: int, limit: Budget, table: list[Estimate], speech: int = 0,
+                   media: MediaUse = LARGEST_MEDIA) -> list[str]:
     """For a refusal: the nearest changes that would fit (a smaller context, a q8_0 KV cache, the projector loaded
     per image), and the limit the model needs as configured, or that a smaller quantization is needed."""
     out = []
@@ -220,7 +225,7 @@ def what_would_fit(info: GgufInfo, model: ModelConfig, cfg: MemoryConfig, projec
                                                            n_batch=min(model.n_batch, n_ctx)), cfg))
         n_ctx //= 2
     for label, m, c in variants:
-        setting = next((e for e in (estimate(info, s, cpu, baseline, projector, speech=speech)
+        setting = next((e for e in (estimate(info, s, cpu, baseline, projector, speech=speech, media=media)
                                     for s in candidates(m, replace(c, mode="auto"), cpu, info, projector is not None))
                         if e.need <= limit.usable), None)
         if setting is not None:
@@ -236,8 +241,9 @@ def what_would_fit(info: GgufInfo, model: ModelConfig, cfg: MemoryConfig, projec
     return out
 
 
-def plan_for(model: ModelConfig, cfg: MemoryConfig, baseline: int | None = None) -> Plan:
+def plan_for(model: ModelConfig, cfg: MemoryConfig, baseline: int | None = None,
+             media: MediaUse = LARGEST_MEDIA) -> Plan:
     """Read the model (and projector) headers named in the config and plan."""
     info = inspect(model.path)
     projector = inspect(model.mmproj) if model.mmproj else None
-    return plan(info, model, cfg, projector, baseline=baseline)
+    return plan(info, model, cfg, projector, baseline=baseline, media=media)

@@ -14,8 +14,13 @@ from agent.gguf import GgufInfo, Tensor
 
 Q = GGMLQuantizationType
 SWA_DEFAULT_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3n": 5}  # every n-th layer global (llama.cpp defaults)
-KV_FROM_START = {"gemma3n": 20}  # gemma3n: only the first 20 layers own a KV cache, the rest reuse it
-ALTUP = {"gemma3n": 4}
+# Layers that own a KV cache, counted from the first; the later layers read an earlier layer's cache.
+# gemma3n: hard-coded 20 (llama-hparams); gemma4: n_layer - attention.shared_kv_layers (models/gemma4.cpp).
+KV_FROM_START = {"gemma3n": 20}
+KV_SHARED_FROM_HEADER = ("gemma4",)
+ALTUP = {"gemma3n": 4}  # gemma3n carries 4 hidden-state streams; gemma4 dropped AltUp
+# Per-layer input width (the per-layer embedding table is {width x n_layer, n_vocab}): hard-coded 256 for gemma3n;
+# gemma4 reads embedding_length_per_layer_input.
 PLE_DIM = {"gemma3n": 256}
 GET_ROWS_TABLES = ("token_embd.weight", "per_layer_token_embd.weight")
 
@@ -39,15 +44,15 @@ class Shape:
     n_embd: int
     n_ff: int
     n_head: int
-    head_k: int
-    head_v: int
+    head_k: tuple[int, ...]  # per layer: gemma4 has wider heads on its global layers (key_length vs _swa)
+    head_v: tuple[int, ...]
     kv_heads: tuple[int, ...]
     n_vocab: int
     n_swa: int
     swa: tuple[bool, ...]
-    kv_layers: tuple[bool, ...]  # which layers own a KV cache (gemma3n shares the first 20 layers' cache)
+    kv_layers: tuple[bool, ...]  # which layers own a KV cache (gemma3n / gemma4 share the first layers' cache)
     n_altup: int
-    ple_width: int  # gemma3n per-layer input width x n_layer, else 0
+    ple_width: int  # per-layer input width x n_layer (gemma3n, gemma4), else 0
 
     @classmethod
     def of(cls, info: GgufInfo) -> Shape:
@@ -57,8 +62,10 @@ class Shape:
         if n_layer <= 0 or n_embd <= 0:
             raise MemoryPlanError(f"{info.path}: no {arch}.block_count / embedding_length in the header")
         n_head = max(_per_layer(info.key("attention.head_count"), n_layer, 1))
-        head_k = int(info.key("attention.key_length", n_embd // max(n_head, 1)))
-        head_v = int(info.key("attention.value_length", head_k))
+        key_full = int(info.key("attention.key_length", n_embd // max(n_head, 1)))
+        value_full = int(info.key("attention.value_length", key_full))
+        key_swa = int(info.key("attention.key_length_swa", key_full))
+        value_swa = int(info.key("attention.value_length_swa", key_swa))
         kv_heads = _per_layer(info.key("attention.head_count_kv"), n_layer, n_head)
         n_ff = max(_per_layer(info.key("feed_forward_length"), n_layer, 4 * n_embd))
         tokens = info.metadata.get("tokenizer.ggml.tokens")
@@ -75,9 +82,13 @@ class Shape:
         else:
             n = int(pattern) if isinstance(pattern, int) else SWA_DEFAULT_PATTERN.get(arch, 0)
             swa = tuple(n == 0 or i % n < n - 1 for i in range(n_layer)) if n else (False,) * n_layer
+        head_k = tuple(key_swa if s else key_full for s in swa)
+        head_v = tuple(value_swa if s else value_full for s in swa)
         from_start = KV_FROM_START.get(arch, -1)
+        if arch in KV_SHARED_FROM_HEADER:
+            from_start = n_layer - int(info.key("attention.shared_kv_layers", 0) or 0)
         kv_layers = tuple(from_start < 0 or i < from_start for i in range(n_layer))
-        ple = PLE_DIM.get(arch, 0) * n_layer
+        ple = int(info.key("embedding_length_per_layer_input", PLE_DIM.get(arch, 0)) or 0) * n_layer
         return cls(arch, n_layer, n_embd, n_ff, n_head, head_k, head_v, kv_heads, n_vocab, n_swa, swa, kv_layers,
                    ALTUP.get(arch, 1), ple)
 

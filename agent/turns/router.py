@@ -222,8 +222,9 @@ class Router:
             log.info("no fresh frame for %s %s: answering without one", request.source, request.id)
             return
         if not self.support.vision:
-            raise AgentError(ErrorCode.NO_PROJECTOR, "the model has no vision projector (model.mmproj): it cannot "
-                             "see camera frames")
+            raise AgentError(ErrorCode.NO_PROJECTOR, "remote.vision is false: the model server is not sent camera "
+                             "frames" if self.cfg.model.backend == "remote" else "the model has no vision projector "
+                             "(model.mmproj): it cannot see camera frames")
         request.media.insert(0, Media("image", prepared.rgb))
         if prepared.jpeg is not None:
             self.output.snapshot(prepared.jpeg)

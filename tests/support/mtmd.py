@@ -66,3 +66,10 @@ def pcm_bitmap(seconds: float) -> Any:
     n = int(16000 * seconds)
     pcm = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 16000)).astype(np.float32)
     return mtmd.mtmd_bitmap_init_from_audio(n, (ctypes.c_float * n).from_buffer_copy(pcm.tobytes()))
+
+
+def eval_chunks(ctx: Any, lctx: Any, chunks: Any, found: list[tuple[int, int]], n_batch: int = 512) -> None:
+    """Evaluate tokenized chunks into the text context from position 0; every chunk's tokens must land."""
+    n_past = llama_cpp.llama_pos(0)
+    rc = mtmd.mtmd_helper_eval_chunks(ctx, lctx, chunks, 0, 0, n_batch, True, ctypes.byref(n_past))
+    assert rc == 0 and n_past.value == sum(n for _t, n in found)

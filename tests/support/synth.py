@@ -69,7 +69,8 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     qtype: GGMLQuantizationType
-    fill: str = "normal"  # normal (scaled by `scale`) | ones; quantized types: random blocks with d = scale
+    fill: str = "normal"  # normal (scaled by `scale`) | ones | const (every element = `scale`); quantized types:
+    #                        random blocks with d = scale
     scale: float = 0.02
 
     @property
@@ -102,8 +103,8 @@ def tensor_slices(spec: TensorSpec, seed: int = SEED) -> Iterator[np.ndarray]:
         left = spec.n_elements
         while left:
             n = min(left, SLICE_ELEMENTS)
-            if spec.fill == "ones":
-                yield np.ones(n, dtype=dtype)
+            if spec.fill in ("ones", "const"):
+                yield np.full(n, 1.0 if spec.fill == "ones" else spec.scale, dtype=dtype)
             else:
                 yield (rng.standard_normal(n, dtype=np.float32) * np.float32(spec.scale)).astype(dtype)
             left -= n
@@ -689,6 +690,21 @@ def gemma4a_tensors(shape: AudioShape, text_n_embd: int) -> list[TensorSpec]:
     return out
 
 
+def encoder_kvs(prefix: str, n_embd: int, n_ff: int, n_layer: int, projection_dim: int, n_head: int) -> list[KV]:
+    """The keys every clip encoder has (`prefix`: clip.vision. or clip.audio.)."""
+    U32 = GGUFValueType.UINT32
+    return [_kv(prefix + "embedding_length", n_embd, U32), _kv(prefix + "feed_forward_length", n_ff, U32),
+            _kv(prefix + "block_count", n_layer, U32), _kv(prefix + "projection_dim", projection_dim, U32),
+            _kv(prefix + "attention.head_count", n_head, U32),
+            _kv(prefix + "attention.layer_norm_epsilon", 1e-6, GGUFValueType.FLOAT32)]
+
+
+def audio_encoder_kvs(shape: AudioShape, text_n_embd: int) -> list[KV]:
+    """A gemma4a conformer's keys."""
+    return [*encoder_kvs("clip.audio.", shape.n_embd, shape.n_ff, shape.n_layer, text_n_embd, shape.n_head),
+            _kv("clip.audio.num_mel_bins", shape.n_mel, GGUFValueType.UINT32)]
+
+
 def write_gemma4a_projector(path: str | os.PathLike[str], text_n_embd: int, shape: AudioShape = TINY_AUDIO,
                             seed: int = SEED) -> Path:
     """Write a Gemma 4 audio (`gemma4a`) projector whose embeddings feed a text model of width `text_n_embd`."""
@@ -696,18 +712,11 @@ def write_gemma4a_projector(path: str | os.PathLike[str], text_n_embd: int, shap
         raise ValueError(f"text_n_embd must be positive, got {text_n_embd}")
     if shape.n_embd % shape.n_head:
         raise ValueError(f"n_embd {shape.n_embd} is not a multiple of n_head {shape.n_head}")
-    A, U32, F32 = "clip.audio.", GGUFValueType.UINT32, GGUFValueType.FLOAT32
     kvs = [
         _kv("general.name", f"Gemma 4 audio projector ({shape.name}, synthetic random weights)", GGUFValueType.STRING),
         _kv("clip.has_audio_encoder", True, GGUFValueType.BOOL),
         _kv("clip.projector_type", "gemma4a", GGUFValueType.STRING),
-        _kv(A + "embedding_length", shape.n_embd, U32),
-        _kv(A + "feed_forward_length", shape.n_ff, U32),
-        _kv(A + "block_count", shape.n_layer, U32),
-        _kv(A + "projection_dim", text_n_embd, U32),
-        _kv(A + "attention.head_count", shape.n_head, U32),
-        _kv(A + "attention.layer_norm_epsilon", 1e-6, F32),
-        _kv(A + "num_mel_bins", shape.n_mel, U32),
+        *audio_encoder_kvs(shape, text_n_embd),
     ]
     return write_gguf(path, "clip", kvs, gemma4a_tensors(shape, text_n_embd), seed)
 
