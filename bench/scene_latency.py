@@ -17,6 +17,7 @@ Scenarios, each --rounds times, one JSON line per stage with the median (min-max
                     frame, and its KV
   speech_native     a spoken question as audio to a projector that takes audio (Gemma 4), no whisper: VAD
                     hangover, queue, projector load, audio encode, audio eval, prefill; end of speech -> first token
+  speech_native_frame  the same carrying the frame: image and audio in one turn, one projector load
 plus the cgroup's peak and its OOM kills, and the engine against llama-cpp-python's MTMDChatHandler (no cap).
 
     sudo .venv/bin/python -m bench.scene_latency [--rounds 3] [--sizes 256,512,768] [--scenarios ...]
@@ -134,13 +135,13 @@ def describe(args: argparse.Namespace, broker: Broker, video: Path, size: int) -
 
 
 def speech(args: argparse.Namespace, broker: Broker, video: Path, wav: Path, scenario: str) -> None:
-    """A spoken question per round: through whisper (speech, speech_frame) or as audio (speech_native)."""
-    hearing = (["listen.speech=native"] if scenario == "speech_native" else
+    """A spoken question per round: through whisper (speech, speech_frame) or as audio (speech_native[_frame])."""
+    hearing = (["listen.speech=native"] if scenario.startswith("speech_native") else
                ["listen.speech=whisper", f"whisper.model={WHISPER}", "whisper.max_tokens=12",
                 "whisper.temperature_fallback=false"])
     run = Run(args, broker, "camera.enabled=true", f"camera.source={video}", "camera.input_size=256",
               "microphone.enabled=true", f"microphone.source={wav}", "vision.max_frame_age=30",
-              f"vision.attach={'always' if scenario == 'speech_frame' else 'on_request'}", *hearing)
+              f"vision.attach={'always' if scenario.endswith('_frame') else 'on_request'}", *hearing)
     stages: dict[str, list[float]] = {}
     try:
         finals = run.client.wait_for(f"{run.daemon.base}/response", count=args.rounds, timeout=600)
@@ -199,9 +200,9 @@ def main() -> None:
             if "describe" in scenarios:
                 for size in (int(s) for s in args.sizes.split(",")):
                     describe(args, broker, video, size)
-            for scenario in ("speech", "speech_frame", "speech_native"):
+            for scenario in ("speech", "speech_frame", "speech_native", "speech_native_frame"):
                 if scenario in scenarios:
-                    gap = 25.0 if scenario == "speech_frame" else 12.0
+                    gap = 25.0 if scenario.endswith("_frame") else 12.0
                     wav = questions_wav(Path(tmp) / "q.wav", args.rounds, gap_s=gap)
                     speech(args, broker, video, wav, scenario)
         finally:

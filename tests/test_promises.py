@@ -111,6 +111,23 @@ def test_a_stop_cancels_the_running_turn_and_refuses_the_queued(broker: Broker, 
     client.close()
 
 
+def test_conversation_idle_reset_forgets_between_turns(broker: Broker) -> None:
+    """conversation.idle_reset 0: every exchange is forgotten before the next turn, so the same question twice
+    costs the same prompt; by default the second carries the first exchange."""
+    prompts = {}
+    for setting in ("conversation.idle_reset=0", "conversation.max_exchanges=6"):
+        daemon, client = start(broker, testmodels.tiny_text(), setting)
+        for n in range(2):
+            client.publish(f"{daemon.base}/ask", {"id": f"same-{n}", "text": "Who is at the door?"})
+        prompts[setting] = [reply(client, daemon.base, f"same-{n}")[1]["tokens"]["prompt"] for n in range(2)]
+        daemon.stop()
+        client.close()
+    first, second = prompts["conversation.idle_reset=0"]
+    assert first == second
+    remembered = prompts["conversation.max_exchanges=6"]
+    assert remembered[0] == first and remembered[1] > first
+
+
 def test_a_full_context_stops_with_context(broker: Broker) -> None:
     daemon, client = start(broker, testmodels.tiny_text(), "model.n_ctx=256", "model.max_tokens=250",
                            "model.system_prompt=Be brief.")
