@@ -51,7 +51,8 @@ def test_ask_yields_exactly_one_final_response_with_the_id(served: tuple[DaemonP
     body = payload_json(msg)
     assert body["done"] is True and body["source"] == "ask" and body["text"].strip()
     assert body["tokens"]["completion"] > 0 and body["latency_ms"] > 0
-    time.sleep(0.5)
+    ask(client, daemon.base, {"id": "q-1-barrier", "text": "And the grass?"})  # through the same FIFO queue:
+    client.wait_for(f"{daemon.base}/response", lambda m: payload_json(m)["id"] == "q-1-barrier")  # q-1 is done
     assert len(finals(client, daemon.base, "q-1")) == 1
     # stream partials concatenate to the final text, in order
     parts = [payload_json(m) for m in client.on(f"{daemon.base}/response/stream") if payload_json(m)["id"] == "q-1"]
@@ -64,7 +65,7 @@ def test_plain_text_ask_gets_a_generated_id(served: tuple[DaemonProcess, Client]
     daemon, client = served
     ask(client, daemon.base, "Say hello.")
     msg = client.wait_for(f"{daemon.base}/response", lambda m: payload_json(m)["text"] is not None
-                          and payload_json(m)["id"] not in ("q-1", "g-1", "g-2"))[0]
+                          and payload_json(m)["id"] not in ("q-1", "q-1-barrier", "g-1", "g-2"))[0]
     assert len(payload_json(msg)["id"]) == 12
 
 

@@ -277,7 +277,10 @@ def test_hostile_payloads_get_error_replies_and_the_daemon_stays_well(
     client.wait_for(f"{base}/event", event("listening"), count=expected[("listen", "listening")], timeout=30)
     client.wait_for(f"{base}/event", event("reset"), count=expected[("reset", "reset")], timeout=30)
     client.wait_for(f"{base}/response", lambda m: payload_json(m)["id"] == "unknown-fields", timeout=90)
-    time.sleep(1.0)  # anything extra would arrive now: every payload gets exactly one outcome
+    # a barrier: commands are routed in arrival order and asks answered in queue order, so a second outcome for any
+    # payload above would be out before this answer (every payload gets exactly one outcome)
+    client.publish(f"{base}/ask", {"id": "barrier", "text": "Done?"})
+    client.wait_for(f"{base}/response", lambda m: payload_json(m)["id"] == "barrier", timeout=90)
     errors = [payload_json(m) for m in client.on(f"{base}/error") if payload_json(m)["ts"] >= started - 1]
     for topic in ("ask", "describe", "listen"):
         assert sum(e["source"] == topic for e in errors) == expected[(topic, "error")], topic

@@ -89,7 +89,14 @@ class Client:
         self._cond = threading.Condition()
         self.client = client
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self._acked: set[int] = set()
         Client.instances.append(self)
+
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, _codes: Any, _props: Any = None) -> None:
+        with self._cond:
+            self._acked.add(mid)
+            self._cond.notify_all()
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
@@ -100,11 +107,17 @@ class Client:
             self.violations += [f"{msg.topic}: {problem}" for problem in problems]
             self._cond.notify_all()
 
-    def subscribe(self, *topics: str) -> None:
+    def subscribe(self, *topics: str, timeout: float = 10.0) -> None:
+        """Subscribe and return once the broker has acknowledged every subscription (SUBACK): from then on, all
+        that is published on them reaches this client."""
+        mids = set()
         for topic in topics:
-            result, _mid = self.client.subscribe(topic, options=SubscribeOptions(qos=1, retainAsPublished=True))
+            result, mid = self.client.subscribe(topic, options=SubscribeOptions(qos=1, retainAsPublished=True))
             assert result == mqtt.MQTT_ERR_SUCCESS
-        time.sleep(0.2)  # SUBACK
+            mids.add(mid)
+        with self._cond:
+            if not self._cond.wait_for(lambda: mids <= self._acked, timeout):
+                raise AssertionError(f"no SUBACK for {topics} within {timeout}s")
 
     def publish(self, topic: str, payload: str | bytes | dict[str, Any], retain: bool = False) -> None:
         data = json.dumps(payload) if isinstance(payload, dict) else payload
