@@ -136,9 +136,10 @@ def estimate(info: GgufInfo, setting: Setting, cpu: Cpu | None = None, baseline:
         table = t.name in GET_ROWS_TABLES  # read by rows: one row per token
         matmul = not table or (t.name == "token_embd.weight" and tied)  # read whole for every token
         row = row_bytes(t.type, t.shape[0])
+        unused = unused_kv_weight(t.name, shape)  # loaded (and repacked), never read: cold once loaded
         if table:
             est.read_per_token += row
-        if matmul:
+        if matmul and not unused:
             est.read_per_token += t.nbytes
         if not setting.mmap:  # everything is read into anonymous memory; a tied table is loaded twice
             est.repacked += t.nbytes * (2 if table and matmul else 1)
@@ -148,9 +149,11 @@ def estimate(info: GgufInfo, setting: Setting, cpu: Cpu | None = None, baseline:
             est.cold_ranges.append((start, end))
             if table:
                 est.hot_file += _pages(row)
-        elif matmul:
+        elif matmul and not unused:
             est.hot_file += t.nbytes
             est.hot_ranges.append((start, end))
+        elif unused:
+            est.cold_ranges.append((start, end))
         else:
             est.hot_file += _pages(row)
             est.cold_ranges.append((start, end))
@@ -170,6 +173,16 @@ def estimate(info: GgufInfo, setting: Setting, cpu: Cpu | None = None, baseline:
         est.projector = weights if setting.projector_resident else 0
         est.projector_transient = compute + (0 if setting.projector_resident else weights)
     return est
+
+
+def unused_kv_weight(name: str, shape: Shape) -> bool:
+    """K/V projections of a layer that reads another layer's KV cache (Gemma 3n, Gemma 4: the published files keep
+    them): llama.cpp loads them, its graph never multiplies them (models/gemma4.cpp has_kv)."""
+    parts = name.split(".")
+    if len(parts) != 4 or parts[0] != "blk" or parts[2] not in ("attn_k", "attn_v", "attn_k_norm"):
+        return False
+    layer = int(parts[1])
+    return layer < shape.n_layer and not shape.kv_layers[layer]
 
 
 FAULT_AROUND = 64 * 1024  # the kernel maps up to this aligned window of cached pages around a faulting page
