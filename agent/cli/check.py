@@ -111,8 +111,9 @@ def media_cost(projector: GgufInfo, cfg: Config) -> str:
     frame = image_tokens(projector, media.image_side)
     if frame:
         parts.append(f"{frame} tokens per {media.image_side} px frame")
-    if audio_tokens_for(projector, 1.0):
-        parts.append(f"{audio_tokens_for(projector, 1.0)} audio tokens per second "
+    per_second = audio_tokens_for(projector, 1.0)
+    if per_second:
+        parts.append(f"{per_second} audio tokens per second "
                      f"({audio_tokens_for(projector, media.audio_s)} for a {media.audio_s:g} s utterance)")
     return (", ".join(parts) or "no media the planner knows") + (
         f"; projector weights {round(weights / 2**20)} MiB + {round(compute / 2**20)} MiB while encoding")

@@ -77,3 +77,20 @@ def tiny_lora() -> Path:
     """A random LoRA adapter (attn_q, attn_v, rank 4) for tiny_text()."""
     return _cached("gemma3n-tiny-lora", ".gguf", {"shape": repr(synth.TINY), "rank": 4},
                    lambda p: synth.write_lora(p, synth.TINY))
+
+
+def assert_runs_greedy(llm: Any, tokens: list[int]) -> Any:
+    """Evaluate `tokens` on a loaded llama_cpp.Llama: the last logits are finite over the whole vocabulary (returned,
+    for more checks), and a greedy completion generates and repeats itself (fixed weights)."""
+    import numpy as np
+
+    llm.eval(tokens)
+    logits = np.asarray(llm.scores[llm.n_tokens - 1])
+    assert logits.shape == (262_144,) and np.isfinite(logits).all()
+    llm.reset()
+    first = llm.create_completion("Hello", max_tokens=4, temperature=0.0)
+    again = llm.create_completion("Hello", max_tokens=4, temperature=0.0)
+    assert isinstance(first, dict) and isinstance(again, dict)
+    assert first["usage"]["completion_tokens"] >= 1
+    assert first["choices"][0]["text"] == again["choices"][0]["text"]
+    return logits

@@ -447,12 +447,25 @@ def gemma3n_text_metadata(shape: TextShape, tokenizer: Tokenizer, chat_template:
         _kv(f"{a}.attention.shared_kv_layers", shape.shared_kv_layers, U32),
         _kv(f"{a}.activation_sparsity_scale", sparsity, GGUFValueType.ARRAY, F32),
     ]
-    if {shape.per_layer_type, shape.token_embd_type, shape.matrix_type} <= {Q.F16, Q.F32}:
-        kvs.append(_kv("general.file_type", 1, U32))  # LLAMA_FTYPE_MOSTLY_F16
+    return kvs + text_model_tail((shape.per_layer_type, shape.token_embd_type, shape.matrix_type), tokenizer,
+                                 chat_template)
+
+
+def text_model_tail(types: Sequence[GGMLQuantizationType], tokenizer: Tokenizer, chat_template: str | None
+                    ) -> list[KV]:
+    """The keys every synthetic text model ends with: the file type when all its tensors are F16/F32, the
+    tokenizer's, and the chat template if any."""
+    kvs = [_kv("general.file_type", 1, GGUFValueType.UINT32)] if set(types) <= {Q.F16, Q.F32} else []  # MOSTLY_F16
     kvs += tokenizer.kvs
     if chat_template is not None:
         kvs.append(_kv("tokenizer.chat_template", chat_template, GGUFValueType.STRING))
     return kvs
+
+
+def tokenizer_for(tokenizer_from: str | os.PathLike[str], n_vocab: int | None) -> Tokenizer:
+    """The tokenizer of a Gemma 3 GGUF, padded with unused tokens to `n_vocab` when that is larger."""
+    tokenizer = read_tokenizer(tokenizer_from)
+    return tokenizer.padded(n_vocab) if n_vocab and n_vocab != tokenizer.n_tokens else tokenizer
 
 
 def write_gemma3n_text(path: str | os.PathLike[str], shape: TextShape, tokenizer_from: str | os.PathLike[str],
@@ -463,13 +476,10 @@ def write_gemma3n_text(path: str | os.PathLike[str], shape: TextShape, tokenizer
         raise ValueError(f"{shape.name}: no sliding-window layer; llama.cpp aborts loading such a model")
     if shape.n_layer < 1 or shape.n_head * shape.head_dim <= 0 or shape.n_head % shape.n_head_kv:
         raise ValueError(f"{shape.name}: inconsistent shape {shape}")
-    tokenizer = read_tokenizer(tokenizer_from)
-    n_vocab = shape.n_vocab or tokenizer.n_tokens
-    if n_vocab != tokenizer.n_tokens:
-        tokenizer = tokenizer.padded(n_vocab)
+    tokenizer = tokenizer_for(tokenizer_from, shape.n_vocab)
     template = GEMMA3N_CHAT_TEMPLATE if chat_template is True else (chat_template or None)
     kvs = gemma3n_text_metadata(shape, tokenizer, template)
-    return write_gguf(path, "gemma3n", kvs, gemma3n_text_tensors(shape, n_vocab), seed)
+    return write_gguf(path, "gemma3n", kvs, gemma3n_text_tensors(shape, tokenizer.n_tokens), seed)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from gguf.constants import GGMLQuantizationType, GGUFValueType
 
-from tests.support.synth import KV, SEED, Q, TensorSpec, Tokenizer, read_tokenizer, write_gguf
+from tests.support.synth import KV, SEED, Q, TensorSpec, Tokenizer, _kv, text_model_tail, tokenizer_for, write_gguf
 
 ARCH = "gemma4"
 
@@ -153,10 +153,6 @@ def gemma4_text_tensors(shape: Gemma4Shape, n_vocab: int) -> list[TensorSpec]:
     return out
 
 
-def _kv(key: str, value: object, vtype: GGUFValueType, sub: GGUFValueType | None = None) -> KV:
-    return (key, value, vtype, sub)
-
-
 def gemma4_text_metadata(shape: Gemma4Shape, tokenizer: Tokenizer, chat_template: str | None) -> list[KV]:
     """The keys conversion/gemma.py (Gemma4Model) writes for a Gemma 4 E-model, with this shape's values."""
     a, U32, F32 = ARCH, GGUFValueType.UINT32, GGUFValueType.FLOAT32
@@ -190,12 +186,8 @@ def gemma4_text_metadata(shape: Gemma4Shape, tokenizer: Tokenizer, chat_template
         _kv(f"{a}.rope.dimension_count", shape.head_dim_full, U32),  # "proportional": rope_freqs masks the rest
         _kv(f"{a}.rope.dimension_count_swa", shape.head_dim_swa, U32),
     ]
-    if {shape.per_layer_type, shape.token_embd_type, shape.matrix_type} <= {Q.F16, Q.F32}:
-        kvs.append(_kv("general.file_type", 1, U32))  # LLAMA_FTYPE_MOSTLY_F16
-    kvs += tokenizer.kvs
-    if chat_template is not None:
-        kvs.append(_kv("tokenizer.chat_template", chat_template, GGUFValueType.STRING))
-    return kvs
+    return kvs + text_model_tail((shape.per_layer_type, shape.token_embd_type, shape.matrix_type), tokenizer,
+                                 chat_template)
 
 
 # Gemma 4's turn format, plain text turns only (the published template also handles the system role natively,
@@ -217,10 +209,7 @@ def write_gemma4_text(path: str | os.PathLike[str], shape: Gemma4Shape, tokenize
     and, if asked, a chat template (True: GEMMA4_CHAT_TEMPLATE; a string: that template)."""
     if problems := shape.problems():
         raise ValueError(f"{shape.name}: llama.cpp would abort or misread this shape: {'; '.join(problems)}")
-    tokenizer = read_tokenizer(tokenizer_from)
-    n_vocab = shape.n_vocab or tokenizer.n_tokens
-    if n_vocab != tokenizer.n_tokens:
-        tokenizer = tokenizer.padded(n_vocab)
+    tokenizer = tokenizer_for(tokenizer_from, shape.n_vocab)
     template = GEMMA4_CHAT_TEMPLATE if chat_template is True else (chat_template or None)
     kvs = gemma4_text_metadata(shape, tokenizer, template)
-    return write_gguf(path, ARCH, kvs, gemma4_text_tensors(shape, n_vocab), seed)
+    return write_gguf(path, ARCH, kvs, gemma4_text_tensors(shape, tokenizer.n_tokens), seed)
