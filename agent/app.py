@@ -24,7 +24,7 @@ from agent.llm.engine import Backend, Engine
 from agent.llm.loader import exit_code_for, open_backend
 from agent.llm.local import ModelLoadError
 from agent.memory.plan import budget
-from agent.mqtt.client import MqttClient
+from agent.mqtt.client import MqttClient, tls_context
 from agent.mqtt.discovery import discovery_payload, discovery_topic
 from agent.mqtt.outbox import Outbox
 from agent.mqtt.sink import MqttOutput
@@ -113,7 +113,8 @@ class Agent:
 
     @classmethod
     def build(cls, cfg: Config, notifier: Notifier, stopping: threading.Event) -> Agent:
-        metrics = open_metrics(cfg)  # the port first: a conflict is found in a second, not after the model loads
+        check_tls(cfg)  # the certificate files and the port first: found in a second, not after the model loads
+        metrics = open_metrics(cfg)
         notifier.status(f"loading model {cfg.model.path}")
         try:
             with notifier.extending(60, limit=MODEL_LOAD_LIMIT):
@@ -239,6 +240,15 @@ def open_outbox(cfg: Config) -> Outbox:
     except (OSError, sqlite3.Error) as exc:
         raise StartupError(ExitCode.EX_CANTCREAT, f"cannot open the outbox {cfg.outbox_path()} (outbox.path): "
                            f"{exc}") from None
+
+
+def check_tls(cfg: Config) -> None:
+    """The broker connection's certificate files can be used (StartupError naming the key if not)."""
+    if cfg.mqtt.tls.enabled:
+        try:
+            tls_context(cfg.mqtt.tls)
+        except ConfigError as exc:
+            raise StartupError(ExitCode.EX_CONFIG, f"config error: {exc}") from None
 
 
 def open_metrics(cfg: Config) -> MetricsServer | None:

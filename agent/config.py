@@ -194,6 +194,7 @@ class WhisperConfig:
     threads: int = opt(0, 0, 256)
     max_tokens: int = opt(0, 0, 448)
     temperature_fallback: bool = True
+    window: float = opt(10.0, 1.0, 30.0)
 
 
 @dataclass

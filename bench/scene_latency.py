@@ -83,7 +83,7 @@ class Run:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")  # the model's pages are then charged to the cgroup
         self.cgroup = Cgroup(f"gemma-agent-scene-{os.getpid()}", args.limit_mib << 20)
         self.daemon = DaemonProcess(broker.port, args.text, f"model.mmproj={args.projector}", "model.max_tokens=16",
-                                    "health.interval=5", f"memory.limit_mib={args.limit_mib}", *overrides,
+                                    "health.interval=5", f"memory.limit_mib={args.limit_mib}", *overrides, *args.sets,
                                     cgroup=Path(self.cgroup.join_file()))
         self.client = Stamped(broker.port)
         self.client.subscribe(f"{self.daemon.base}/#")
@@ -103,11 +103,16 @@ def response(run: Run, request_id: str, timeout: float = 240) -> dict[str, Any]:
     return dict(payload_json(msg))
 
 
+def unit_of(stage: str) -> str:
+    return {"decode_tps": "tok/s", "prompt_tokens_evaluated": "tokens"}.get(stage, "ms")
+
+
 def model_stages(body: dict[str, Any], into: dict[str, list[float]]) -> None:
     load, media, encode = body["projector_load_ms"], body["media_ms"], body["encode_ms"]
     for name, value in (("queue", body["queue_ms"]), ("projector_load", load), ("encode", encode),
                         ("image_eval", media - encode), ("prefill_rest", body["ttft_ms"] - media - load),
-                        ("decode_tps", body["decode_tps"])):
+                        ("decode_tps", body["decode_tps"]),
+                        ("prompt_tokens_evaluated", body["tokens"]["prompt"] - body["tokens"]["cached"])):
         into.setdefault(name, []).append(value)
 
 
@@ -131,7 +136,7 @@ def describe(args: argparse.Namespace, broker: Broker, video: Path, size: int) -
     finally:
         run.close(f"describe_{size}")
     for stage, values in stages.items():
-        emit(f"describe_{size}", stage, values, "tok/s" if stage == "decode_tps" else "ms")
+        emit(f"describe_{size}", stage, values, unit_of(stage))
 
 
 def speech(args: argparse.Namespace, broker: Broker, video: Path, wav: Path, scenario: str) -> None:
@@ -161,7 +166,7 @@ def speech(args: argparse.Namespace, broker: Broker, video: Path, wav: Path, sce
     finally:
         run.close(scenario)
     for stage, values in stages.items():
-        emit(scenario, stage, values, "tok/s" if stage == "decode_tps" else "ms")
+        emit(scenario, stage, values, unit_of(stage))
 
 
 def questions_wav(path: Path, n: int, gap_s: float) -> Path:
@@ -183,6 +188,8 @@ def main() -> None:
     ap.add_argument("--text", type=Path, default=TEXT, help="text model GGUF")
     ap.add_argument("--projector", type=Path, default=PROJECTOR, help="projector GGUF (vision, or vision + audio)")
     ap.add_argument("--scenarios", default="describe,speech,speech_frame")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every daemon (e.g. whisper.window=30)")
     ap.add_argument("--no-follow-up", dest="follow_up", action="store_false")
     args = ap.parse_args()
     for needed in (args.text, args.projector):

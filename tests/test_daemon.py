@@ -7,16 +7,15 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from agent.config import Config
 from agent.contract.exitcodes import ExitCode
 from tests.support.daemon import DaemonProcess
-from tests.support.mqtt import Broker, Client, payload_json
+from tests.support.mqtt import Broker, Client, has_id, payload_json
 from tests.support.paths import ROOT
 
 
@@ -34,10 +33,6 @@ def served(broker: Broker, gemma270m: Path) -> Iterator[tuple[DaemonProcess, Cli
 
 def finals(client: Client, base: str, request_id: str) -> list[dict[str, object]]:
     return [payload_json(m) for m in client.on(f"{base}/response") if payload_json(m)["id"] == request_id]
-
-
-def has_id(request_id: str) -> Callable[[mqtt.MQTTMessage], bool]:
-    return lambda m: payload_json(m)["id"] == request_id
 
 
 def ask(client: Client, base: str, payload: dict[str, object] | str | bytes) -> None:

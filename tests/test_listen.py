@@ -9,7 +9,7 @@ import pytest
 
 from agent.config import ListenConfig, WhisperConfig
 from agent.turns.policy import Decision, TurnPolicy, split_wake_phrase
-from agent.turns.speech import SpeechToText, SpeechToTextError
+from agent.turns.speech import SpeechToText, SpeechToTextError, encoder_positions
 from tests.support import models as testmodels
 
 pytestmark = pytest.mark.fast
@@ -139,6 +139,20 @@ def test_whisper_settings_reach_whisper_cpp_and_change_what_it_hears() -> None:
     assert params["max_tokens"] == 1 and len(capped) < len(default)
     greedy, params = hear(temperature_fallback=False)
     assert params["temperature_inc"] == 0.0 and greedy != default
+    assert params["audio_ctx"] == 500  # the 2 s tone, encoded over the default 10 s window
+    full, params = hear(window=30.0)
+    assert params["audio_ctx"] == 0 and full != default  # whisper's own 30 s: what it hears changes with the window
+    fitted, params = hear(window=1.0)
+    assert params["audio_ctx"] == 200 and fitted not in (default, full)  # the tone + 2 s
+
+
+def test_the_encoder_window_is_the_utterance_plus_two_seconds_at_least_whisper_window() -> None:
+    """whisper.window is a floor: a longer utterance widens the window (never cut off), 30 s is whisper's own."""
+    assert encoder_positions(2.0, 10.0) == 500
+    assert encoder_positions(2.0, 1.0) == 200
+    assert encoder_positions(12.5, 10.0) == 725
+    assert encoder_positions(2.0, 30.0) == encoder_positions(28.0, 1.0) == encoder_positions(40.0, 10.0) == 0
+    assert encoder_positions(27.9, 1.0) == 1495
 
 
 def test_a_held_turn_passes_on_in_order_when_confirmed_and_nothing_when_dropped() -> None:

@@ -1,6 +1,8 @@
-"""model.backend: remote against a real OpenAI-compatible server (llama-cpp-python's own, serving the Gemma 3
-270M behind an API key): answers stream over MQTT as with a local model; a wrong key, a server that is gone or one
-that never answers is an error, not a crash."""
+"""model.backend: remote against real OpenAI-compatible servers: llama-cpp-python's own, serving the Gemma 3 270M
+behind an API key (answers stream over MQTT as with a local model; a wrong key, a server that is gone or one that
+never answers is an error, not a crash), and llama.cpp's llama-server (built by .ci/build-llama-server from the
+vendored llama.cpp) serving a tiny Gemma 4 with its vision + audio projector, which takes the frames and the
+speech remote.vision and remote.audio send."""
 
 from __future__ import annotations
 
@@ -12,11 +14,14 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.support import models
 from tests.support.daemon import DaemonProcess
-from tests.support.mqtt import Broker, Client, free_port, payload_json
+from tests.support.models_gemma4 import tiny_gemma4_projector, tiny_gemma4_text
+from tests.support.mqtt import Broker, Client, free_port, has_id, payload_json
 from tests.support.paths import ROOT, run_agent
 
 API_KEY = "door-bell-7"
@@ -26,20 +31,39 @@ SERVED = ("remote.api_key=" + API_KEY, "remote.model=gemma-3-270m", "remote.time
 @pytest.fixture(scope="module")
 def model_server(gemma270m: Path) -> Iterator[str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gemma270m), "--host",
-                             "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--chat_format", "gemma",
-                             "--api_key", API_KEY, "--model_alias", "gemma-3-270m"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
+    proc = serving([sys.executable, "-m", "llama_cpp.server", "--model", str(gemma270m), "--host", "127.0.0.1",
+                    "--port", str(port), "--n_ctx", "2048", "--chat_format", "gemma", "--api_key", API_KEY,
+                    "--model_alias", "gemma-3-270m"], url, {"Authorization": f"Bearer {API_KEY}"})
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def serving(command: list[str], url: str, headers: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start a model server and wait until it lists its models."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while True:
         try:
-            with urllib.request.urlopen(urllib.request.Request(url + "/v1/models", headers={
-                    "Authorization": f"Bearer {API_KEY}"}), timeout=2):
-                break
+            with urllib.request.urlopen(urllib.request.Request(url + "/v1/models", headers=headers), timeout=2):
+                return proc
         except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "the model server did not start"
+            assert proc.poll() is None and time.monotonic() < deadline, f"{command[0]} did not start"
             time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def media_server() -> Iterator[str]:
+    """llama-server with a tiny Gemma 4 and its vision + audio projector (what a user's bigger machine runs)."""
+    binary = os.environ.get("GEMMA_AGENT_LLAMA_SERVER") or subprocess.run(
+        [str(ROOT / ".ci" / "build-llama-server")], env={**os.environ, "PYTHON": sys.executable}, check=True,
+        capture_output=True, text=True).stdout.strip()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = serving([binary, "--model", str(tiny_gemma4_text(template=True)), "--mmproj", str(tiny_gemma4_projector()),
+                    "--host", "127.0.0.1", "--port", str(port), "--ctx-size", "2048", "--threads", "2",
+                    "--alias", "gemma-4-tiny", "--no-warmup"], url, {})
     yield url
     proc.terminate()
     proc.wait(10)
@@ -78,22 +102,59 @@ def test_check_reports_the_remote_server(broker: Broker, model_server: str) -> N
     assert f"remote {model_server}: reachable" in proc.stdout
 
 
-def test_remote_vision_decides_whether_a_frame_is_sent(broker: Broker, model_server: str, door_video: Path) -> None:
-    """remote.vision false: a describe is refused here, naming the key; true: the frame goes to the server (this
-    one serves a text-only model, so the server's own error comes back)."""
+def final_or_error(client: Client, base: str, request_id: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The response or error that ends request `request_id` (or the first turn to end): (topic leaf, body)."""
+    msg = client.wait_for(f"{base}/+", lambda m: m.topic.rsplit("/", 1)[1] in ("response", "error")
+                          and request_id in (None, payload_json(m).get("id")), timeout=120)[0]
+    return msg.topic.rsplit("/", 1)[1], payload_json(msg)
+
+
+def test_remote_vision_decides_whether_a_frame_is_sent(broker: Broker, media_server: str, door_video: Path) -> None:
+    """remote.vision false: a describe is refused here, naming the key; true: the frame goes to llama-server,
+    whose projector turns it into image tokens (the prompt grows by them, against a text ask's)."""
+    prompts = {}
     for vision in (False, True):
-        daemon, client = remote_daemon(broker, model_server, *SERVED, f"remote.vision={str(vision).lower()}",
-                                       "camera.enabled=true", f"camera.source={door_video}")
+        daemon, client = remote_daemon(broker, media_server, "remote.model=gemma-4-tiny", "camera.enabled=true",
+                                       f"camera.source={door_video}", "camera.input_size=256",
+                                       f"remote.vision={str(vision).lower()}", "conversation.max_exchanges=0")
         client.publish(f"{daemon.base}/describe", {"id": "v"})
-        msg = client.wait_for(f"{daemon.base}/+", lambda m: m.topic.rsplit("/", 1)[1] in ("response", "error")
-                              and payload_json(m).get("id") == "v", timeout=120)[0]
-        body = payload_json(msg)
+        leaf, body = final_or_error(client, daemon.base, "v")
         if vision:
-            assert msg.topic.endswith("/response") or body["error"] == "remote_error", body
+            assert leaf == "response" and body["source"] == "describe", body
+            client.publish(f"{daemon.base}/ask", {"id": "t", "text": "Describe what you see."})
+            leaf, text_only = final_or_error(client, daemon.base, "t")
+            assert leaf == "response", text_only
+            prompts = {"image": body["tokens"]["prompt"], "text": text_only["tokens"]["prompt"]}
         else:
-            assert body["error"] == "no_projector" and "remote.vision" in body["detail"], body
+            assert leaf == "error" and body["error"] == "no_projector" and "remote.vision" in body["detail"], body
         daemon.stop()
         client.close()
+    assert prompts["image"] - prompts["text"] >= 81  # gemma4v: a 256 px frame is 81 tokens
+
+
+def test_remote_audio_sends_the_utterance_or_its_transcript(broker: Broker, media_server: str,
+                                                          question_wav: Path) -> None:
+    """remote.audio true: the utterance goes to llama-server as audio (no whisper here; the server's projector
+    makes 25 tokens a second of it); false: whisper.cpp transcribes it here and the text goes."""
+    hearing = ("microphone.enabled=true", f"microphone.source={question_wav}", "microphone.realtime=false",
+               "remote.model=gemma-4-tiny", f"whisper.model={models.tiny_whisper()}", "conversation.max_exchanges=0")
+    for audio in (True, False):
+        daemon, client = remote_daemon(broker, media_server, *hearing, f"remote.audio={str(audio).lower()}")
+        leaf, body = final_or_error(client, daemon.base)
+        heard = payload_json(client.wait_for(f"{daemon.base}/transcript", has_id(body["id"]))[0])
+        assert leaf == "response" and body["source"] == "speech", body
+        health = payload_json(client.wait_for(f"{daemon.base}/health")[-1])
+        if not audio:  # the transcript asked as text makes the same prompt: the text went, not the audio
+            client.publish(f"{daemon.base}/ask", {"id": "same", "text": heard["text"]})
+            leaf, asked = final_or_error(client, daemon.base, "same")
+            assert heard["text"] and health["speech"] == "whisper"
+            assert leaf == "response" and asked["tokens"]["prompt"] == body["tokens"]["prompt"], (asked, body)
+        daemon.stop()
+        client.close()
+        if audio:
+            assert heard["text"] is None and health["speech"] == "native audio"
+            assert body["tokens"]["prompt"] >= 25 * heard["duration"]
+            assert "speech-to-text: whisper.cpp" not in daemon.log
 
 
 def test_a_wrong_api_key_is_refused_by_the_server_and_said_so(broker: Broker, model_server: str) -> None:

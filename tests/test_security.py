@@ -24,9 +24,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from agent.contract.exitcodes import ExitCode
 from tests.support.contract import observe
 from tests.support.daemon import DaemonProcess
-from tests.support.mqtt import Broker, Client, paho_client, payload_json
+from tests.support.mqtt import Broker, Client, has_id, paho_client, payload_json
 from tests.support.paths import ROOT, agent_cmd, run_agent
 
 ADMIN = "ha-admin"  # Home Assistant's user in these brokers: may read and write everything
@@ -44,8 +45,9 @@ class Pki:
     client_key: Path
 
 
-def make_pki(workdir: Path) -> Pki:
-    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a client certificate (P-256 keys)."""
+def make_pki(workdir: Path, server_names: str = "IP:127.0.0.1,DNS:localhost") -> Pki:
+    """A throwaway CA, a server certificate for `server_names` (127.0.0.1 and localhost unless told) and a client
+    certificate (P-256 keys)."""
 
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=workdir, check=True, capture_output=True, timeout=60)
@@ -54,7 +56,7 @@ def make_pki(workdir: Path) -> Pki:
     openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
             "-subj", "/CN=gemma-agent test CA", "-addext", "basicConstraints=critical,CA:TRUE",
             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    extensions = {"server": "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    extensions = {"server": f"subjectAltName={server_names}\nextendedKeyUsage=serverAuth\n",
                   "client": "extendedKeyUsage=clientAuth\n"}
     for name, ext in extensions.items():
         (workdir / f"{name}.ext").write_text(ext + "authorityKeyIdentifier=keyid,issuer\n")
@@ -83,10 +85,12 @@ class SecureBroker(Broker):
 class SecureClient(Client):
     """conftest's recording Client, connecting with TLS and/or a user name and password; raises if refused."""
 
-    def __init__(self, port: int, pki: Pki | None = None, user: tuple[str, str] | None = None) -> None:
+    def __init__(self, port: int, pki: Pki | None = None, user: tuple[str, str] | None = None,
+                 check_host: bool = True) -> None:
         self._setup(paho_client())
         if pki is not None:
             self.client.tls_set(ca_certs=str(pki.ca), certfile=str(pki.client_cert), keyfile=str(pki.client_key))
+            self.client.tls_insecure_set(not check_host)
         if user is not None:
             self.client.username_pw_set(*user)
         answer: list[Any] = []
@@ -140,10 +144,6 @@ def wait_until(condition: Any, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def has_id(request_id: str) -> Any:
-    return lambda m: payload_json(m).get("id") == request_id
-
-
 # --- TLS with a client certificate -------------------------------------------------------------------------
 
 
@@ -156,6 +156,11 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SecureBroker
     broker.start()
     yield broker, pki
     broker.stop()
+
+
+def set_args(*settings: str) -> list[str]:
+    """`--set KEY=VALUE` for each setting, as a user types them."""
+    return [arg for setting in settings for arg in ("--set", setting)]
 
 
 def tls_settings(pki: Pki, client_cert: bool = True) -> list[str]:
@@ -206,6 +211,81 @@ def test_tls_without_a_client_certificate_is_refused_and_keeps_retrying(tls: tup
         watcher.close()
     assert "(tls on)" in daemon.log and "connected to the broker" not in daemon.log
     assert "Traceback" not in daemon.log
+
+
+@pytest.fixture(scope="module")
+def tls_named_elsewhere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SecureBroker, Pki]]:
+    """A TLS broker on 127.0.0.1 whose certificate (from a CA we trust) names only another host: a broker reached
+    by its IP address while its certificate carries its DNS name."""
+    workdir = tmp_path_factory.mktemp("tls-elsewhere")
+    pki = make_pki(workdir, "DNS:mqtt.example.invalid")
+    broker = SecureBroker(workdir, f"cafile {pki.ca}\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
+                                   "require_certificate true\nuse_identity_as_username true")
+    broker.start()
+    yield broker, pki
+    broker.stop()
+
+
+def test_a_certificate_for_another_host_is_refused_unless_tls_insecure(tls_named_elsewhere: tuple[SecureBroker, Pki],
+                                                                       gemma270m: Path) -> None:
+    """mqtt.tls.insecure skips the host name check and only that: refused with it false (the log and `check` say
+    why and what to change), served with it true."""
+    broker, pki = tls_named_elsewhere
+    checked = run_agent(*set_args(f"model.path={gemma270m}", "mqtt.host=127.0.0.1", f"mqtt.port={broker.port}",
+                                  *tls_settings(pki)), "check", timeout=120)
+    assert checked.returncode == ExitCode.FAILURE
+    assert re.search(r"broker +PROBLEM: .*TLS: IP address mismatch.*; .*set mqtt\.tls\.insecure true", checked.stdout)
+    watcher = SecureClient(broker.port, pki=pki, check_host=False)
+    strict = LoggedDaemon(broker.port, gemma270m, *tls_settings(pki), "mqtt.reconnect_max=1")
+    watcher.subscribe(f"{strict.base}/#")
+    try:
+        strict.start(watcher, wait_online=False)
+        wait_until(lambda: "IP address mismatch" in strict.raw_log().decode(errors="replace"), 60,
+                   "the daemon to say why the broker's certificate was refused")
+        strict.signal(signal.SIGTERM)
+        assert strict.wait() == 0
+    finally:
+        strict.stop()
+    assert "connected to the broker" not in strict.log and "Traceback" not in strict.log
+    assert "set mqtt.tls.insecure true" in strict.log
+    assert watcher.on(f"{strict.base}/#") == []
+    trusting = LoggedDaemon(broker.port, gemma270m, *tls_settings(pki), "mqtt.tls.insecure=true", "model.max_tokens=4")
+    watcher.subscribe(f"{trusting.base}/#")
+    try:
+        trusting.start(watcher)
+        watcher.publish(f"{trusting.base}/ask", {"id": "insecure-1", "text": "Say hello."})
+        assert payload_json(watcher.wait_for(f"{trusting.base}/response", has_id("insecure-1"))[0])["done"] is True
+    finally:
+        trusting.stop()
+        watcher.close()
+
+
+@pytest.mark.parametrize("key", ["ca_file", "cert_file", "key_file"])
+def test_a_certificate_file_that_cannot_be_used_stops_the_start_naming_its_key(tmp_path: Path, key: str,
+                                                                              gemma270m: Path) -> None:
+    pki = make_pki(tmp_path)
+    files = {"ca_file": pki.ca, "cert_file": pki.client_cert, "key_file": pki.client_key}
+    files[key] = tmp_path / "garbage.pem"
+    files[key].write_text("not a PEM file\n")
+    settings = ["mqtt.tls.enabled=true", *(f"mqtt.tls.{name}={path}" for name, path in files.items())]
+    ran = run_agent(*set_args(f"model.path={gemma270m}", "mqtt.port=1", *settings), "run", timeout=60)
+    assert ran.returncode == ExitCode.EX_CONFIG
+    assert f"config error: mqtt.tls.{key}" in ran.stderr and "Traceback" not in ran.stderr
+    assert "loading model" not in ran.stderr  # found before the model loads
+    files[key].unlink()
+    checked = run_agent(*set_args(f"model.path={gemma270m}", "mqtt.port=1", *settings), "check", timeout=60)
+    assert checked.returncode == ExitCode.EX_CONFIG
+    assert re.search(rf"broker +PROBLEM: mqtt\.tls\.{key}: cannot read .*garbage\.pem \(no such file\)",
+                     checked.stdout)
+
+
+def test_a_private_key_of_another_certificate_stops_the_start(tmp_path: Path, gemma270m: Path) -> None:
+    pki = make_pki(tmp_path)
+    ran = run_agent(*set_args(f"model.path={gemma270m}", "mqtt.port=1", "mqtt.tls.enabled=true",
+                              f"mqtt.tls.ca_file={pki.ca}", f"mqtt.tls.cert_file={pki.client_cert}",
+                              f"mqtt.tls.key_file={pki.server_key}"), "run", timeout=60)
+    assert ran.returncode == ExitCode.EX_CONFIG
+    assert f"{pki.server_key} is not the private key of {pki.client_cert} (KEY_VALUES_MISMATCH)" in ran.stderr
 
 
 # --- user names, passwords and an ACL --------------------------------------------------------------------

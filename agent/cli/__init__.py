@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(SUBCOMMANDS[args.command].main(cfg, args))
     except KeyboardInterrupt:
         return ExitCode.OK
+    except ConfigError as exc:  # found while running: a certificate file `ha remove` or `ask` cannot use
+        log.error("config error: %s", exc)
+        return ExitCode.EX_CONFIG
     except Exception:
         log.exception("internal error (a bug: please report it with this log)")
         return ExitCode.EX_SOFTWARE

@@ -212,6 +212,10 @@ def check_microphone(cfg: Config, report: Report) -> None:
 def check_broker(cfg: Config, report: Report) -> None:
     from agent.mqtt.client import probe_broker
 
-    problem = probe_broker(cfg.mqtt, f"gemma-agent-{cfg.device_id}")
+    try:
+        problem = probe_broker(cfg.mqtt, f"gemma-agent-{cfg.device_id}")
+    except ConfigError as exc:
+        report.line("broker", str(exc), ExitCode.EX_CONFIG)
+        return
     report.line("broker", f"mqtt{'s' if cfg.mqtt.tls.enabled else ''}://{cfg.mqtt.host}:{cfg.mqtt.port}: "
                 + (problem or "reachable"), ExitCode.FAILURE if problem else ExitCode.OK)

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.config import MqttConfig
+from agent.config import ConfigError, MqttConfig, TlsConfig
 from agent.contract.outbound import Outbound
 from agent.contract.topics import TOPICS, Topics
 from agent.mqtt.outbox import Outbox
@@ -41,10 +44,35 @@ def make_client(cfg: MqttConfig, client_id: str, persistent: bool = False) -> mq
     if cfg.username:
         client.username_pw_set(cfg.username, cfg.password or None)
     if cfg.tls.enabled:
-        client.tls_set(ca_certs=cfg.tls.ca_file or None, certfile=cfg.tls.cert_file or None,
-                       keyfile=cfg.tls.key_file or None)
-        client.tls_insecure_set(cfg.tls.insecure)
+        client.tls_set_context(tls_context(cfg.tls))
     return client
+
+
+def tls_context(tls: TlsConfig) -> ssl.SSLContext:
+    """The broker connection's TLS: its CA (the system's when ca_file is empty), our certificate, the broker's host
+    name checked against its certificate unless `insecure`. ConfigError naming the key of a file it cannot use."""
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(tls, key)
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"mqtt.tls.{key}: cannot read {path} "
+                              f"({'no such file' if not os.path.exists(path) else 'permission denied'})")
+    for key, holds, what in (("cert_file", "CERTIFICATE-----", "certificate"),
+                             ("key_file", "PRIVATE KEY-----", "private key")):  # OpenSSL says only "PEM lib"
+        path = getattr(tls, key)
+        if path and holds not in Path(path).read_text(errors="replace"):
+            raise ConfigError(f"mqtt.tls.{key}: {path} holds no PEM {what}")
+    try:
+        context = ssl.create_default_context(cafile=tls.ca_file or None)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"mqtt.tls.ca_file: {tls.ca_file} holds no usable CA certificate ({exc})") from None
+    if tls.cert_file:
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        except ssl.SSLError as exc:
+            raise ConfigError(f"mqtt.tls.cert_file / mqtt.tls.key_file: {tls.key_file} is not the private key of "
+                              f"{tls.cert_file} ({exc.reason or exc})") from None
+    context.check_hostname = not tls.insecure
+    return context
 
 
 def _one_shot(cfg: MqttConfig, client_id: str, topics: tuple[str, ...], timeout: float) -> str | None:
@@ -61,6 +89,8 @@ def _one_shot(cfg: MqttConfig, client_id: str, topics: tuple[str, ...], timeout:
     client.on_connect = on_connect
     try:
         client.connect(cfg.host, cfg.port, keepalive=10)
+    except ssl.SSLCertVerificationError as exc:
+        return f"cannot connect to {cfg.host}:{cfg.port}: TLS: {certificate_problem(exc)}"
     except (OSError, ValueError) as exc:
         return f"cannot connect to {cfg.host}:{cfg.port}: {exc}"
     client.loop_start()
@@ -236,7 +266,7 @@ class MqttClient:
             log.debug("still cannot reach %s:%d", host, port)
             return
         self._unreachable_reported = True
-        self.last_error = why_unreachable(host, port)
+        self.last_error = why_unreachable(host, port, tls_context(self.cfg.tls) if self.cfg.tls.enabled else None)
         log.warning("cannot reach %s:%d (%s); retrying in %.0f s, backing off up to %.0f s", host, port,
                     self.last_error, max(1, round(self.cfg.reconnect_min)), max(1, round(self.cfg.reconnect_max)))
 
@@ -263,15 +293,31 @@ class MqttClient:
             log.exception("handling a message on %s failed", msg.topic)
 
 
-def why_unreachable(host: str, port: int, timeout: float = 3.0) -> str:
-    """The reason a TCP connection to host:port fails now, in words (paho swallows its own exception)."""
+def why_unreachable(host: str, port: int, tls: ssl.SSLContext | None = None, timeout: float = 3.0) -> str:
+    """The reason a connection to host:port fails now, in words (paho swallows its own exception): TCP, then
+    the TLS handshake when `tls` is given."""
     try:
-        with socket.create_connection((host, port), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            if tls is not None:
+                tls.wrap_socket(sock, server_hostname=host).close()
             return "the connection closed during the MQTT handshake"
     except socket.gaierror as exc:
         return f"cannot resolve the host name: {exc.strerror}"
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS: {certificate_problem(exc)}"
+    except ssl.SSLError as exc:
+        return f"TLS: {exc.reason or exc}"
     except OSError as exc:
         return exc.strerror or type(exc).__name__
+
+
+def certificate_problem(exc: ssl.SSLCertVerificationError) -> str:
+    """The broker's certificate was not accepted: why, and what to change when it names another host."""
+    why = (exc.verify_message or str(exc)).rstrip(".")
+    if "mismatch" in why:  # "Hostname mismatch" / "IP address mismatch": the chain is fine, the name is not
+        why += ("; connect with mqtt.host set to a name the certificate carries, or set mqtt.tls.insecure "
+                "true to skip the host name check")
+    return why
 
 
 class _QuietWhileDisconnected(logging.Filter):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -30,6 +31,15 @@ from agent.turns.types import Media, MediaSupport, Output, Request, Result, Sink
 
 log = logging.getLogger("agent.turns.speech")
 WHISPER_MAGIC = b"lmgg"  # 0x67676d6c, little-endian: whisper.cpp's legacy ggml format
+WHISPER_WINDOW = 30.0  # seconds whisper was trained on: its encoder's 1500 positions, 50 per second
+WINDOW_MARGIN = 2.0  # seconds of silence kept after the speech when the window is cut to the utterance
+
+
+def encoder_positions(seconds: float, window: float) -> int:
+    """whisper.cpp's `audio_ctx` for an utterance of `seconds`: the encoder runs over max(window, utterance + 2 s),
+    50 positions a second; 0 (whisper.cpp's full 30 s) when that reaches 30 s."""
+    span = max(window, seconds + WINDOW_MARGIN)
+    return 0 if span >= WHISPER_WINDOW else math.ceil(span * 50)
 
 
 class SpeechToTextError(Exception):
@@ -78,12 +88,15 @@ class SpeechToText:
         except Exception as exc:  # pywhispercpp raises bare RuntimeErrors and the like on a bad file
             raise SpeechToTextError(f"{cfg.model}: whisper.cpp could not load it: {exc}") from None
         self._lock = threading.Lock()
-        log.info("speech-to-text: whisper.cpp with %s (%s, %d threads)", path, cfg.language, threads)
+        self.window = cfg.window
+        log.info("speech-to-text: whisper.cpp with %s (%s, %d threads, encoder window >= %g s)", path,
+                 cfg.language, threads, cfg.window)
 
     def transcribe(self, pcm: np.ndarray) -> str:
         audio = pcm.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else pcm.astype(np.float32)
+        positions = encoder_positions(len(audio) / 16000, self.window)
         with self._lock:
-            segments = self.model.transcribe(audio)
+            segments = self.model.transcribe(audio, audio_ctx=positions)
         return " ".join(s.text.strip() for s in segments).strip()
 
 

@@ -149,3 +149,8 @@ class Client:
 
 def payload_json(msg: mqtt.MQTTMessage) -> Any:
     return json.loads(msg.payload)
+
+
+def has_id(request_id: str) -> Callable[[mqtt.MQTTMessage], bool]:
+    """A wait_for filter: the JSON message about request `request_id`."""
+    return lambda m: payload_json(m).get("id") == request_id
