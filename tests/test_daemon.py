@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,11 +57,27 @@ def test_ask_yields_exactly_one_final_response_with_the_id(served: tuple[DaemonP
     assert not msg.retain
 
 
+def test_health_reports_the_last_turn_as_its_answer_did(served: tuple[DaemonProcess, Client]) -> None:
+    """health's last_turn (what the latency and speed sensors graph between answers) is the turn just answered:
+    the health that goes out when the turn ends carries its speeds, first-token time and tokens."""
+    daemon, client = served
+    ask(client, daemon.base, {"id": "h-1", "text": "Name a colour."})
+    body = payload_json(client.wait_for(f"{daemon.base}/response", has_id("h-1"))[0])
+    def reports_it(m: Any) -> bool:  # the same first-token time to 0.1 ms: this turn (times out if none does)
+        return (payload_json(m)["last_turn"] or {}).get("ttft_ms") == body["ttft_ms"]
+
+    health = payload_json(client.wait_for(f"{daemon.base}/health", reports_it, timeout=30)[0])
+    assert health["last_turn"] == {"prefill_tps": body["prefill_tps"], "decode_tps": body["decode_tps"],
+                                   "ttft_ms": body["ttft_ms"],
+                                   "tokens": body["tokens"]["prompt"] + body["tokens"]["completion"]}
+    assert health["turns"] >= 1
+
+
 def test_plain_text_ask_gets_a_generated_id(served: tuple[DaemonProcess, Client]) -> None:
     daemon, client = served
     ask(client, daemon.base, "Say hello.")
     msg = client.wait_for(f"{daemon.base}/response", lambda m: payload_json(m)["text"] is not None
-                          and payload_json(m)["id"] not in ("q-1", "q-1-barrier", "g-1", "g-2"))[0]
+                          and payload_json(m)["id"] not in ("q-1", "q-1-barrier", "h-1", "g-1", "g-2"))[0]
     assert len(payload_json(msg)["id"]) == 12
 
 

@@ -437,12 +437,19 @@ baseline = probe.python_baseline()
 cfg = ModelConfig(path=spec["path"], mmproj=spec["mmproj"], n_threads=2, temperature=0.0, max_tokens=8)
 plan = planner.plan_for(cfg, MemoryConfig(mode="manual", projector=spec["projector"]), baseline=baseline)
 model = LocalModel(cfg, plan=plan)
+evaluated = []  # each llama.cpp evaluation of text in the turn (first: the text ahead of the image): projector loaded?
+evaluate = model.llm.eval
+def watched(tokens):
+    evaluated.append(model.projector_loaded)
+    return evaluate(tokens)
+model.llm.eval = watched
 turns = []
 for seed in (0, 1, 2):  # later images: the projector is there again after being released
     image = np.random.default_rng(seed).integers(0, 256, size=(96, 128, 3), dtype=np.uint8)
     result = model.generate(Request(text="What is this?", max_tokens=8, media=[Media("image", image)]))
     turns.append({"image_tokens": result.image_tokens, "anon": probe.rss()["rss_anon"],
-                  "loaded": model.projector_loaded})
+                  "loaded": model.projector_loaded, "text_beside_projector": evaluated[:]})
+    evaluated.clear()
 model.release_projector()
 print(json.dumps({"turns": turns, "released": probe.rss()["rss_anon"], "text_only": plan.chosen.anon,
                   "predicted": plan.chosen.anon + plan.chosen.projector_transient}))
@@ -461,7 +468,7 @@ def image_turns(projector: str) -> dict[str, Any]:
 def test_projector_prediction_matches_an_image_turn() -> None:
     got = image_turns("resident")
     first = got["turns"][0]
-    assert first["image_tokens"] == 256 and first["loaded"]
+    assert first["image_tokens"] == 256 and first["loaded"] and first["text_beside_projector"][0]
     assert within(got["predicted"], first["anon"]), got  # text model + projector + its encode, within 10 %
     assert got["released"] < first["anon"]  # releasing the projector gives its memory back
 
@@ -470,6 +477,8 @@ def test_an_on_demand_plan_frees_the_projector_before_decoding() -> None:
     got = image_turns("on_demand")
     assert [t["image_tokens"] for t in got["turns"]] == [256, 256, 256]  # loaded again for each image
     assert not any(t["loaded"] for t in got["turns"])  # freed by the engine itself, within the turn
+    # the image is encoded first and the projector freed before the text ahead of it is evaluated too
+    assert not any(got["turns"][0]["text_beside_projector"])
     first, second, third = (t["anon"] for t in got["turns"])
     assert max(first, second, third) <= 1.1 * got["text_only"], got  # what the text-only plan holds, no projector
     assert third <= second + MiB, got  # and loading it again leaves nothing behind (malloc_trim): no growth

@@ -151,7 +151,7 @@ def test_speech_through_whisper_publishes_the_transcript_and_answers_it(broker: 
                            f"microphone.source={question_wav}", "microphone.realtime=false",
                            f"whisper.model={testmodels.tiny_whisper()}", "whisper.threads=1")
     transcript = payload_json(client.wait_for(f"{daemon.base}/transcript")[0])
-    assert "(en, 1 threads, encoder window >= 10 s)" in daemon.wait_log("speech-to-text: whisper.cpp")  # whisper.threads
+    assert "(en, 1 threads, encoder window >= 10 s)" in daemon.wait_log("speech-to-text: whisper.cpp")
     assert isinstance(transcript["text"], str) and transcript["text"]
     body = response(client, daemon.base, transcript["id"])
     assert body["source"] == "speech" and body["transcript"] == transcript["text"]
