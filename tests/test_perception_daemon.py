@@ -3,6 +3,8 @@ device states in health, and text asks still served when the microphone fails.""
 
 from __future__ import annotations
 
+import signal
+import time
 from pathlib import Path
 
 from tests.support.daemon import DaemonProcess
@@ -71,4 +73,29 @@ def test_speech_without_speech_to_text_is_a_degraded_health(broker: Broker, gemm
     assert health["state"] == "degraded" and health["speech"].startswith("unavailable")
     assert any("every utterance is dropped" in p and "absent.bin" in p for p in health["problems"])
     daemon.stop()
+    client.close()
+
+
+def test_audio_a_stalled_daemon_could_not_take_is_counted_as_dropped(broker: Broker, gemma270m: Path,
+                                                                     tmp_path: Path) -> None:
+    """A live microphone does not wait: stop the daemon for 3 s (SIGSTOP, as a board under a heavy load or a
+    swap storm would), and the 100 frames that came due meanwhile reach a 10-frame queue at once; what did not fit
+    is dropped, never blocked on, and health's audio_dropped says how much."""
+    pcm, _ = compose([], total_s=20.0)  # a quiet room
+    wav = write_wav(tmp_path / "room.wav", pcm)
+    daemon = DaemonProcess(broker.port, gemma270m, "microphone.enabled=true", f"microphone.source={wav}",
+                           "microphone.realtime=true", "microphone.queue_frames=10", "health.interval=1")
+    client = Client(broker.port)
+    client.subscribe(f"{daemon.base}/#")
+    daemon.start(client)
+    client.wait_for(f"{daemon.base}/health", lambda m: payload_json(m)["stages"].get("microphone") == "ok")
+    assert payload_json(client.wait_for(f"{daemon.base}/health")[-1])["audio_dropped"] == 0
+    daemon.signal(signal.SIGSTOP)
+    time.sleep(3.0)  # the stall itself: the test's input, not a wait for an outcome
+    daemon.signal(signal.SIGCONT)
+    health = payload_json(client.wait_for(f"{daemon.base}/health", lambda m: payload_json(m)["audio_dropped"] > 0,
+                                          timeout=30)[-1])
+    assert 50 <= health["audio_dropped"] <= 100 and health["audio_dropped"] == health["microphone"]["overflows"]
+    daemon.stop()
+    assert "frame(s) dropped because the consumer fell behind" in daemon.log
     client.close()
