@@ -7,6 +7,9 @@ One JSON line per figure (media synthesized by tests/media.py: espeak-ng speech,
   and 1280x720 (one frame period is 66.7 ms); camera_subscriber_ms: capture time to subscriber call.
 - frame_prep_ms: FramePreparer per used frame at 640x480 and 1280x720 to 512x512, JPEG off / on (target
   < 10 ms at 720p).
+- early_end_wasted: how often the early end (vad.early_end_ms 250, hangover 700) guesses that a question is over
+  while the speaker only paused: espeak-ng questions in 8 voices, said in one breath and split in two halves with
+  150-650 ms of silence between their speech; guesses, guesses speech made void (work thrown away), utterances.
 - perception_cpu: process CPU time over wall time with the camera replaying a 640x480 file at 15 fps + motion
   detector subscribed + microphone replaying speech in real time + VAD (target < 10 % of one core).
 
@@ -86,6 +89,33 @@ def bench_vad() -> None:
              utterances=len(found), truths=len(truths), max_start_ms=round(float(max(starts)), 1),
              max_end_ms=round(float(max(ends)), 1), mean_start_ms=round(float(np.mean(starts)), 1),
              mean_end_ms=round(float(np.mean(ends)), 1), target=150, ok=len(found) == len(truths) and worst <= 150)
+
+
+PAUSED = [("What is at the front door", "and is anyone there?"), ("Turn on the kitchen lights", "and the porch light."),
+          ("Remind me to call my sister", "at six tomorrow."), ("Is it going to rain", "this afternoon?")]
+VOICES = ["en-us", "en", "en+f3", "en+m3", "en-us+f2", "en+m7", "en-us+f4", "en+klatt"]
+
+
+def bench_early_end() -> None:
+    """Speculation at the early end: guessed, wasted and confirmed, per pause inside a question."""
+    for pause_ms in (None, 150, 250, 350, 450, 550, 650):  # None: the question in one breath
+        guesses = wasted = utterances = questions = 0
+        for voice in VOICES:
+            for first, second in PAUSED:
+                if pause_ms is None:
+                    clips = [(0.5, media.espeak(f"{first}, {second}", voice))]
+                else:  # the silence between the two halves' speech is pause_ms (espeak-ng pads its clips)
+                    a, b = media.espeak(first, voice), media.espeak(second, voice)
+                    at = 0.5 + media.speech_extent(a)[1] + pause_ms / 1000 - media.speech_extent(b)[0]
+                    clips = [(0.5, a), (at, b)]
+                pcm, _ = media.compose(clips, total_s=clips[-1][0] + len(clips[-1][1]) / media.RATE + 2.0)
+                seg = Segmenter(VadConfig(), on_pause=lambda _u: None)
+                found = [u for f in media.frames_of(pcm, 480) for u in seg.push(f)] + seg.flush()
+                guesses, wasted = guesses + seg.pauses, wasted + seg.resumes
+                utterances, questions = utterances + len(found), questions + 1
+        emit("early_end_wasted", wasted / guesses if guesses else 0.0, "share", pause_ms=pause_ms,
+             questions=questions, guesses=guesses, wasted=wasted, confirmed=guesses - wasted,
+             utterances=utterances)
 
 
 def _recorder(delays: list[float]) -> Callable[[Frame], None]:
@@ -171,6 +201,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gemma-agent-bench-") as tmp:
         bench_vad()
+        bench_early_end()
         bench_camera(Path(tmp))
         bench_cpu(Path(tmp), args.seconds)
 
