@@ -37,14 +37,16 @@ ONLINE, OFFLINE = "online", "offline"
 Handler = Callable[[str, bytes], None]
 
 
-def make_client(cfg: MqttConfig, client_id: str, persistent: bool = False) -> mqtt.Client:
-    """A paho client with the configured credentials and TLS (shared by the daemon and `check`)."""
+def make_client(cfg: MqttConfig, client_id: str, persistent: bool = False,
+                tls: ssl.SSLContext | None = None) -> mqtt.Client:
+    """A paho client with the configured credentials and TLS (`tls`, else built from mqtt.tls; shared by the
+    daemon and `check`)."""
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv311, clean_session=not persistent)
     if cfg.username:
         client.username_pw_set(cfg.username, cfg.password or None)
     if cfg.tls.enabled:
-        client.tls_set_context(tls_context(cfg.tls))
+        client.tls_set_context(tls or tls_context(cfg.tls))
     return client
 
 
@@ -53,9 +55,10 @@ def tls_context(tls: TlsConfig) -> ssl.SSLContext:
     name checked against its certificate unless `insecure`. ConfigError naming the key of a file it cannot use."""
     for key in ("ca_file", "cert_file", "key_file"):
         path = getattr(tls, key)
-        if path and not os.access(path, os.R_OK):
-            raise ConfigError(f"mqtt.tls.{key}: cannot read {path} "
-                              f"({'no such file' if not os.path.exists(path) else 'permission denied'})")
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            why = "no such file" if not os.path.exists(path) else "not a file" if not os.path.isfile(path) else \
+                "permission denied"
+            raise ConfigError(f"mqtt.tls.{key}: cannot read {path} ({why})")
     for key, holds, what in (("cert_file", "CERTIFICATE-----", "certificate"),
                              ("key_file", "PRIVATE KEY-----", "private key")):  # OpenSSL says only "PEM lib"
         path = getattr(tls, key)
@@ -141,7 +144,8 @@ class MqttClient:
         self._in_flight: dict[int, int] = {}  # paho mid -> outbox seq, until PUBACK
         self._early_acks: set[int] = set()  # PUBACKs that beat us to recording their mid
         self.on_connected: list[Callable[[], None]] = []
-        client = make_client(cfg, self.client_id, persistent=True)
+        self._tls = tls_context(cfg.tls) if cfg.tls.enabled else None  # also for saying why a handshake fails
+        client = make_client(cfg, self.client_id, persistent=True, tls=self._tls)
         client.enable_logger(PAHO_LOG)
         client.reconnect_delay_set(min_delay=max(1, round(cfg.reconnect_min)),
                                    max_delay=max(1, round(cfg.reconnect_max)))
@@ -266,7 +270,7 @@ class MqttClient:
             log.debug("still cannot reach %s:%d", host, port)
             return
         self._unreachable_reported = True
-        self.last_error = why_unreachable(host, port, tls_context(self.cfg.tls) if self.cfg.tls.enabled else None)
+        self.last_error = why_unreachable(host, port, self._tls)
         log.warning("cannot reach %s:%d (%s); retrying in %.0f s, backing off up to %.0f s", host, port,
                     self.last_error, max(1, round(self.cfg.reconnect_min)), max(1, round(self.cfg.reconnect_max)))
 
