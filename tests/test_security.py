@@ -482,3 +482,12 @@ def test_prompts_are_stripped_of_control_characters_and_length_limited(locked: L
     log = daemon.raw_log()
     assert log and not re.search(rb"[\x00-\x08\x0b-\x1f\x7f]", log)
     assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_a_certificate_path_that_is_a_directory_is_named(tmp_path: Path) -> None:
+    from agent.config import ConfigError, TlsConfig
+    from agent.mqtt.client import tls_context
+
+    where = re.escape(str(tmp_path))
+    with pytest.raises(ConfigError, match=rf"mqtt\.tls\.ca_file: cannot read {where} \(not a file\)"):
+        tls_context(TlsConfig(enabled=True, ca_file=str(tmp_path)))
