@@ -159,6 +159,8 @@ class Agent:
         worker = self.speech.worker
         if worker is not None:
             worker.start()
+        if self.router.still is not None and self.perception.camera is not None:
+            self.perception.camera.subscribe(self.router.on_frame)  # vision.ready_after: a still view prepared
         self.perception.start(self.router.on_motion, worker)
         threading.Thread(target=self._health_loop, name="health", daemon=True).start()
         if self.metrics is not None:

@@ -167,6 +167,7 @@ class VisionConfig:
     motion_describe: bool = False
     motion_cooldown: float = opt(60.0, 0.0, 86400.0)
     prepare: bool = True
+    ready_after: float = opt(0.0, 0.0, 3600.0)
 
 
 @dataclass

@@ -13,6 +13,8 @@ Scenarios, each --rounds times, one JSON line per stage with the median (min-max
   speech            a spoken question, no frame: VAD hangover, speech-to-text, queue, prefill, publish; end of
                     speech -> first streamed token
   speech_frame      the same carrying the frame (vision.attach always): the frame is encoded at speech onset
+  speech_frame_still  the same with a camera whose view keeps still and vision.ready_after 1: the view is encoded
+                    before the first question, and every question (a later frame of the same view) reuses it
   follow_up         an ask (no image of its own) right after a describe's answer: the conversation keeps the
                     frame, and its KV
   speech_native     a spoken question as audio to a projector that takes audio (Gemma 4), no whisper: VAD
@@ -41,7 +43,7 @@ from typing import Any
 from tests.support import synth
 from tests.support.cgroup import Cgroup
 from tests.support.daemon import DaemonProcess
-from tests.support.media import compose, espeak, moving_square, speech_extent, write_video, write_wav
+from tests.support.media import compose, espeak, moving_square, speech_extent, still, write_video, write_wav
 from tests.support.mqtt import Broker, Client, payload_json
 
 SYNTH = Path.home() / ".cache" / "gemma-agent" / "synth"
@@ -140,13 +142,15 @@ def describe(args: argparse.Namespace, broker: Broker, video: Path, size: int) -
 
 
 def speech(args: argparse.Namespace, broker: Broker, video: Path, wav: Path, scenario: str) -> None:
-    """A spoken question per round: through whisper (speech, speech_frame) or as audio (speech_native[_frame])."""
+    """A spoken question per round: through whisper (speech, speech_frame[_still]) or as audio
+    (speech_native[_frame])."""
     hearing = (["listen.speech=native"] if scenario.startswith("speech_native") else
                ["listen.speech=whisper", f"whisper.model={WHISPER}", "whisper.max_tokens=12",
                 "whisper.temperature_fallback=false"])
+    ahead = ["vision.ready_after=1.0"] if scenario.endswith("_still") else []
     run = Run(args, broker, "camera.enabled=true", f"camera.source={video}", "camera.input_size=256",
               "microphone.enabled=true", f"microphone.source={wav}", "vision.max_frame_age=30",
-              f"vision.attach={'always' if scenario.endswith('_frame') else 'on_request'}", *hearing)
+              f"vision.attach={'always' if '_frame' in scenario else 'on_request'}", *hearing, *ahead)
     stages: dict[str, list[float]] = {}
     try:
         finals = run.client.wait_for(f"{run.daemon.base}/response", count=args.rounds, timeout=600)
@@ -169,8 +173,8 @@ def speech(args: argparse.Namespace, broker: Broker, video: Path, wav: Path, sce
         emit(scenario, stage, values, unit_of(stage))
 
 
-def questions_wav(path: Path, n: int, gap_s: float) -> Path:
-    clips, at = [], 1.0
+def questions_wav(path: Path, n: int, gap_s: float, lead_s: float = 1.0) -> Path:
+    clips, at = [], lead_s
     for i in range(n):
         clip = espeak(QUESTIONS[i % len(QUESTIONS)])
         clips.append((at, clip))
@@ -201,15 +205,20 @@ def main() -> None:
     scenarios = args.scenarios.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         video = write_video(Path(tmp) / "door.avi", 150, fps=15.0, width=640, height=480, frame=moving_square)
+        calm = write_video(Path(tmp) / "calm.avi", 150, fps=15.0, width=640, height=480, frame=still)
         broker = Broker(Path(tmp))
         broker.start()
         try:
             if "describe" in scenarios:
                 for size in (int(s) for s in args.sizes.split(",")):
                     describe(args, broker, video, size)
-            for scenario in ("speech", "speech_frame", "speech_native", "speech_native_frame"):
+            for scenario in ("speech", "speech_frame", "speech_frame_still", "speech_native", "speech_native_frame"):
                 if scenario in scenarios:
                     gap = 25.0 if scenario.endswith("_frame") else 12.0
+                    if scenario.endswith("_still"):  # the view is prepared before the first question comes
+                        wav = questions_wav(Path(tmp) / "q.wav", args.rounds, gap_s=12.0, lead_s=25.0)
+                        speech(args, broker, calm, wav, scenario)
+                        continue
                     wav = questions_wav(Path(tmp) / "q.wav", args.rounds, gap_s=gap)
                     speech(args, broker, video, wav, scenario)
         finally:

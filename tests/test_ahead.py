@@ -1,7 +1,8 @@
 """Work done before the question is complete, through the daemon on the tiny models: the frame a spoken turn will
 carry is encoded at speech onset and reused by that turn; a frame prepared at motion serves a describe while it
-is fresh, and not once it is stale; a turn started at a short pause is answered once when the pause was the end,
-and nothing of it is published when speech resumes."""
+is fresh, and not once it is stale; a still view is encoded ahead of any question (vision.ready_after) and serves
+every turn about it while it stays unchanged; a turn started at a short pause is answered once when the pause
+was the end, and nothing of it is published when speech resumes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from tests.support import models as testmodels
 from tests.support.daemon import DaemonProcess
-from tests.support.media import compose, espeak, moving_square, speech_extent, write_video, write_wav
+from tests.support.media import compose, espeak, moving_square, speech_extent, still, write_video, write_wav
 from tests.support.mqtt import Broker, Client, payload_json
 
 
@@ -65,6 +66,25 @@ def test_a_frame_prepared_at_motion_serves_a_describe_while_fresh_only(broker: B
     client.publish(f"{daemon.base}/describe", {"id": "later"})
     later = payload_json(client.wait_for(f"{daemon.base}/response", lambda m: payload_json(m)["id"] == "later")[0])
     assert later["tokens"]["image"] == 256 and later["encode_ms"] > 0  # a newer frame, encoded for this turn
+    daemon.stop()
+    client.close()
+
+
+def test_a_still_view_is_encoded_before_the_question_and_serves_every_turn_about_it(broker: Broker,
+                                                                                    tmp_path: Path) -> None:
+    calm = write_video(tmp_path / "calm.avi", 90, fps=15.0, frame=still)
+    daemon, client = start(broker, f"model.mmproj={testmodels.tiny_vision_projector()}", "camera.enabled=true",
+                           f"camera.source={calm}", "vision.ready_after=0.5")
+    health(client, daemon.base, lambda h: h["prepared"] == 1)  # the still view, in the KV cache before any turn
+    client.publish(f"{daemon.base}/describe", {"id": "first"})
+    first = payload_json(client.wait_for(f"{daemon.base}/response", lambda m: payload_json(m)["id"] == "first")[0])
+    assert first["tokens"]["image"] == 256 and first["encode_ms"] == 0 and first["tokens"]["cached"] >= 256
+    client.publish(f"{daemon.base}/ask", {"id": "again", "text": "Is it a person?", "image": "latest"})
+    again = payload_json(client.wait_for(f"{daemon.base}/response", lambda m: payload_json(m)["id"] == "again")[0])
+    # a newer frame of the same view: the picture the conversation holds, so only the question is evaluated
+    assert again["encode_ms"] == 0 and again["tokens"]["image"] == 256
+    assert again["tokens"]["prompt"] - again["tokens"]["cached"] < 40
+    assert health(client, daemon.base, lambda h: h["frames_reused"] >= 2)["prepared"] == 1
     daemon.stop()
     client.close()
 

@@ -253,7 +253,7 @@ def test_a_list_setting_is_taken_whole() -> None:
     ("mqtt: 5\n", [], "{path}, line 1: mqtt: expected a mapping, got 5 (int)"),
     ("vision:\n  keep_loaded: true\n", [], "{path}, line 2: unknown key 'vision.keep_loaded'; it is now "
      "memory.projector (known here: attach, describe_prompt, max_frame_age, motion_cooldown, motion_describe, "
-     "prepare)"),
+     "prepare, ready_after)"),
     ("", ["model.top_p=1.01"], "--set model.top_p: model.top_p: expected a value from 0.0 to 1.0, got 1.01"),
     ("", ["device.id=living room/+"], "--set device.id: device.id: 'living room/+' does not match "
      "^$|^[A-Za-z0-9_-]{{1,64}}$"),

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 import pytest
 
 from agent.config import ModelConfig
@@ -16,7 +17,7 @@ from agent.llm import llama_shim
 from agent.llm.engine import Engine
 from agent.llm.local import LocalModel
 from agent.turns.conversation import Conversation
-from agent.turns.types import Request, Result
+from agent.turns.types import Media, Request, Result
 from tests.support import models as testmodels
 
 SYSTEM = "You are a helpful assistant. " * 12
@@ -205,6 +206,16 @@ def test_conversation_forgets_after_idle_reset() -> None:
     assert [t.text for t in conversation.history()] == ["q2", "a2", "q3", "a3", "q4", "a4"]
     now[0] += 61
     assert conversation.history() == []
+
+
+def test_the_picture_talked_about_stays_with_the_exchange_that_showed_it() -> None:
+    conversation = Conversation(max_exchanges=4, idle_reset=60)
+    door, yard = np.full((8, 8, 3), 10, np.uint8), np.full((8, 8, 3), 200, np.uint8)
+    conversation.record("what is at the door?", "a parcel", [Media("image", door)])
+    conversation.record("is it big?", "no", [Media("image", door.copy())])  # the unchanged view, shown again
+    assert [len(t.media) for t in conversation.history()] == [1, 0, 0, 0]  # the prompt (and KV) stay as they were
+    conversation.record("and the yard?", "empty", [Media("image", yard)])  # a new picture replaces it
+    assert [len(t.media) for t in conversation.history()] == [0, 0, 0, 0, 1, 0]
 
 
 @pytest.mark.parametrize("narrowing", [{"top_k": 1}, {"top_p": 0.0}, {"min_p": 1.0}], ids=["top_k", "top_p", "min_p"])

@@ -18,7 +18,8 @@ from agent.turns.conversation import Conversation
 from agent.turns.policy import TurnPolicy
 from agent.turns.router import Router
 from agent.turns.types import MediaSupport, Request, Result, Sink
-from tests.support.media import moving_square, write_video
+from devices.camera import Frame
+from tests.support.media import moving_square, still, write_video
 
 pytestmark = pytest.mark.fast
 
@@ -132,7 +133,7 @@ def test_rate_limits_count_asks_and_describes_per_sender() -> None:
     r.on_command("ask", b'{"id": "h1", "text": "Hi", "sender": "hall"}')  # global budget spent
     assert [i for i, _, code in output.refusals if code == "rate_limited"] == ["k2", "h1"]
     assert ("h0", "describe", "no_camera") in output.refusals  # admitted, then found no camera
-    assert [q.id for q, _ in queue.submitted] == ["k0", "k1"] and r.stats() == {"rate_limited": 2}
+    assert [q.id for q, _ in queue.submitted] == ["k0", "k1"] and r.stats()["rate_limited"] == 2
 
 
 def test_without_a_microphone_listen_is_refused_by_name() -> None:
@@ -208,6 +209,12 @@ def door(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(write_video(tmp_path_factory.mktemp("router") / "door.avi", 30, fps=15.0, frame=moving_square))
 
 
+@pytest.fixture(scope="module")
+def calm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A camera whose view keeps still (sensor noise only)."""
+    return str(write_video(tmp_path_factory.mktemp("router") / "calm.avi", 30, fps=15.0, frame=still))
+
+
 @pytest.fixture
 def seeing(door: str) -> Iterator[Callable[..., tuple[Router, Queue, Output, TurnPolicy]]]:
     """A router whose camera replays `door` and whose model sees (MediaSupport vision), per overrides."""
@@ -279,10 +286,43 @@ def test_the_frame_prepared_at_speech_onset_is_the_one_the_turn_carries(seeing: 
     r.on_speech(Request(text="what is it", source=Source.SPEECH, spoken=(began, began + 1.0)))
     assert images(queue.submitted[0][0])[0] is prepared
     r.on_speech(Request(text="and now", source=Source.SPEECH, spoken=(began + 5.0, began + 6.0)))
-    assert images(queue.submitted[1][0])[0] is not prepared  # a later utterance: a fresh frame
+    assert images(queue.submitted[1][0])[0] is not prepared  # a later utterance, the view has moved: a fresh frame
+    assert r.stats()["frames_reused"] == 0
     quiet, queue, _, _ = seeing("vision.attach=on_request")
     quiet.on_speech_onset(time.time())
     assert queue.prepared == []  # the turn will not carry a frame: nothing to prepare
+
+
+def test_a_later_frame_of_an_unchanged_view_stands_for_the_prepared_one(seeing: Any, calm: str) -> None:
+    r, queue, _, _ = seeing(f"camera.source={calm}", "vision.attach=always")
+    began = time.time()
+    r.on_speech_onset(began)
+    ((prepared,),) = [images(p) for p in queue.prepared]
+    time.sleep(0.2)  # newer frames, the same still view
+    r.on_speech(Request(text="and now", source=Source.SPEECH, spoken=(began + 5.0, began + 6.0)))
+    r.on_command("ask", b'{"id": "a", "text": "What?", "image": "latest"}')
+    assert [images(q)[0] is prepared for q, _ in queue.submitted] == [True, True]
+    assert r.stats()["frames_reused"] == 2
+
+
+def test_a_view_that_keeps_still_is_prepared_once_ahead_of_any_question(seeing: Any, calm: str) -> None:
+    r, queue, _, _ = seeing(f"camera.source={calm}", "vision.ready_after=1.0")
+    clock = iter(100.0 + 0.3 * n for n in range(100))
+
+    def show(frames: list[Any]) -> None:  # the grabber thread's calls, 0.3 s apart
+        for seq, image in enumerate(frames):
+            r.on_frame(Frame(image, time.time(), next(clock), seq))
+
+    show([still(n) for n in range(4)])  # still for 0.9 s
+    assert queue.prepared == []
+    show([still(n) for n in range(4, 12)])  # still past 1.0 s: prepared, once
+    ((first,),) = [images(p) for p in queue.prepared]
+    show([moving_square(n) for n in range(0, 60, 6)])  # the view keeps changing: nothing to prepare
+    assert len(queue.prepared) == 1
+    show([moving_square(30)] * 5)  # it settles in a new view
+    assert len(queue.prepared) == 2 and images(queue.prepared[1])[0] is not first
+    off, queue, _, _ = seeing(f"camera.source={calm}")
+    assert off.still is None  # vision.ready_after 0: nothing looks at the frames
 
 
 def test_motion_prepares_the_frame_a_describe_then_uses(seeing: Any) -> None:

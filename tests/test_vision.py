@@ -65,6 +65,25 @@ def test_projector_release_and_reload(model: LocalModel) -> None:
     assert model.projector_loaded
 
 
+@pytest.mark.parametrize(("text", "seed"), [("What is at the front door?", None), ("Describe it.", 1)],
+                         ids=["text", "picture"])
+def test_a_follow_up_finds_the_answer_it_follows_in_the_kv_cache(model: LocalModel, text: str,
+                                                                 seed: int | None) -> None:
+    """Re-tokenized from its text, the random model's answer to these questions is cut into other tokens than it
+    produced (the blank the turn format puts before it joins its first word; after this picture, 5 of its tokens
+    would miss): put back as produced, the exchange stays in the KV cache and a follow-up evaluates only its own
+    words, after a picture or not."""
+    media = () if seed is None else (Media("image", picture(seed)),)
+    question = Turn("user", text, media)
+    first = model.generate(Request(text=question.text), turns=[question])
+    held = first.prompt_tokens + first.completion_tokens - 1  # the last token produced is never evaluated
+    turns = [question, Turn("model", first.text.strip()), Turn("user", "And then?")]
+    if seed is None:
+        assert model.cached_prefix(model.tokenize(model.render(turns))) < held  # re-spelled, the cache would miss
+    follow = model.generate(Request(text="And then?"), turns=turns)
+    assert follow.cached_tokens == held and follow.prompt_tokens - held < 12
+
+
 @pytest.mark.parametrize("projector", ["gemma3nv", "gemma4v"])
 def test_a_follow_up_on_a_cached_picture_needs_no_projector(projector: str) -> None:
     """A follow-up about the picture the KV cache holds is cut from the previous prompt's pieces: the projector is

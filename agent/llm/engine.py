@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from agent.config import ModelConfig
 from agent.contract.codes import AgentError, ErrorCode, StopReason
 from agent.turns.conversation import Conversation
-from agent.turns.types import Flag, Request, Result, Sink, Turn
+from agent.turns.types import Flag, Request, Result, Sink, Turn, same_images
 
 log = logging.getLogger("agent.llm.engine")
 
@@ -204,15 +204,17 @@ class Engine:
 
     def _turns(self, request: Request) -> list[Turn]:
         """The conversation so far plus this question, dropping the oldest exchanges until the answer fits."""
-        question = Turn("user", request.text, tuple(request.media))
         if self.conversation is None:
-            return [question]
+            return [Turn("user", request.text, tuple(request.media))]
         budget = request.max_tokens or self.model.cfg.max_tokens
         while True:
             history = self.conversation.history()
-            if any(m.kind == "image" for m in request.media):  # a new picture replaces the one talked about
+            media = request.media
+            if same_images(media, (m for t in history for m in t.media)):  # the very picture talked about
+                media = [m for m in media if m.kind != "image"]
+            elif any(m.kind == "image" for m in media):  # a new picture replaces the one talked about
                 history = [Turn(t.role, t.text) for t in history]
-            turns = [*history, question]
+            turns = [*history, Turn("user", request.text, tuple(media))]
             if self.model.fits(turns, request.system, budget):
                 return turns
             if not self.conversation.forget_oldest():

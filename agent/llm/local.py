@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from agent.config import ModelConfig, available_cpus
@@ -56,6 +58,33 @@ def one_line(pieces: list[str], text: str) -> tuple[str, bool]:
         text = text.lstrip()  # a newline left after this ends a line that has started
     cut = text.find("\n")
     return (text, False) if cut < 0 else (text[:cut], True)
+
+
+@dataclass(frozen=True)
+class OwnAnswer:
+    """The model's last answer as it produced it. A follow-up's prompt carries that answer re-tokenized from its
+    text, which can cut it into other tokens than the model produced (always so for random weights, and for any
+    model where the turn format puts a blank before the answer): the KV cache then misses from there and the whole
+    answer is evaluated again. Put back as produced, the cache still holds it and only the new question is."""
+
+    after: list[int]  # the prompt the answer followed
+    produced: list[int]  # what the model produced, in the KV cache after `after`
+    text: str  # the answer as the conversation records it (blanks around it stripped)
+
+    def put_back(self, tokens: list[int], detokenize: Callable[[list[int]], bytes], start: int = 0) -> list[int] | None:
+        """`tokens` with the answer as produced, when they carry its text right after its prompt (at or past
+        position `start`); None when they do not, or already carry it as produced."""
+        n = len(self.after)
+        if n < start or tokens[:n] != self.after:
+            return None
+        spelled = b""
+        for end in range(n, min(len(tokens), n + len(self.text.encode()) + 4)):
+            spelled += detokenize([tokens[end]])
+            if spelled.decode("utf-8", errors="replace").strip() == self.text:
+                if tokens[n:end + 1] == self.produced:
+                    return None
+                return [*self.after, *self.produced, *tokens[end + 1:]]
+        return None
 
 
 class LocalModel:
@@ -110,6 +139,7 @@ class LocalModel:
         self.threads = threads
         self._projector: Projector | None = None
         self._tokenized: Tokenized | None = None  # the last media prompt, to cut a follow-up without the projector
+        self.last_answer: OwnAnswer | None = None  # the last answer as produced, put back into a follow-up's prompt
         self.projector_used = 0.0
         self._load_s = self._encode_s = 0.0  # this turn's projector load and encode time
         # False when the memory plan loads the projector for each image and frees it before decoding
@@ -244,7 +274,12 @@ class LocalModel:
         if not shown and self._projector is not None and not self.projector_resident:
             self.release_projector("a text turn: the memory plan has no room for it beside decoding")
         prompt = self._media_prompt(turns, request.system) if shown else None
-        tokens = prompt.tokens if prompt is not None else self.tokenize(self.render(turns, request.system))
+        if prompt is not None:
+            tokens = prompt.tokens
+        else:
+            tokens = self.tokenize(self.render(turns, request.system))
+            put_back = self.last_answer.put_back(tokens, self.llm.detokenize) if self.last_answer else None
+            tokens = put_back or tokens
         try:
             return self._run(request, tokens, prompt, started, deadline, on_delta, cancel)
         finally:
@@ -256,7 +291,7 @@ class LocalModel:
         prepared at speech onset), so the turn finds them in the KV cache and evaluates only its question."""
         if not request.media:
             return
-        turns = [*turns[:-1], Turn("user", "", tuple(request.media))]
+        turns = [*turns[:-1], Turn("user", "", turns[-1].media)]  # no media of its own: the picture talked about
         prompt = self._media_prompt(turns, request.system)
         self._arm_abort(time.monotonic() + self.cfg.deadline, request.cancel)
         try:
@@ -284,12 +319,22 @@ class LocalModel:
         reused = self._tokenized.extended(text, keys, marker, self.tokenize) if self._tokenized else None
         if reused is not None and self.cached_prefix(reused.tokens) >= reused.media_end:
             self._tokenized = reused
-            return Prompt(None, list(reused.pieces))
+            return self._own_answer(Prompt(None, list(reused.pieces)))
         try:
             prompt = self.projector().prompt(text, media)
         except ProjectorError as exc:
             raise AgentError(ErrorCode.PROJECTOR_ERROR, str(exc)) from None
         self._tokenized = Tokenized.of(text, keys, prompt.pieces)
+        return self._own_answer(prompt)
+
+    def _own_answer(self, prompt: Prompt) -> Prompt:
+        """The prompt with the last answer put back as produced (OwnAnswer), where it lies in the final text
+        piece: the one piece evaluated by generation, after the media."""
+        tail = prompt.pieces[-1]
+        start = len(prompt.tokens) - len(tail.tokens)
+        answer = self.last_answer
+        if answer is not None and (tokens := answer.put_back(prompt.tokens, self.llm.detokenize, start)) is not None:
+            prompt.pieces[-1] = dataclasses.replace(tail, tokens=tokens[start:])
         return prompt
 
     def _run(self, request: Request, tokens: list[int], prompt: Prompt | None, started: float, deadline: float,
@@ -303,6 +348,7 @@ class LocalModel:
         cached = min(self.cached_prefix(tokens), len(tokens) - 1)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces: list[str] = []
+        produced: list[int] = []
         n_out, first_at, stop, media_s = 0, 0.0, StopReason.MAX_TOKENS, 0.0
         # The abort callback runs per graph node: armed for the prompt only, where one decode can take seconds.
         self._arm_abort(deadline, cancel)
@@ -325,6 +371,7 @@ class LocalModel:
                     stop = StopReason.END
                     break
                 n_out += 1
+                produced.append(token)
                 text = decoder.decode(self.llm.detokenize([token]))
                 line_ended = False
                 if self.prompt_format == "completion":  # the answer is the rest of the "A:" line
@@ -355,6 +402,7 @@ class LocalModel:
             pieces.append(tail)
             if on_delta is not None:
                 on_delta(tail, len(pieces) - 1)
+        self._remember_answer(tokens, produced, "".join(pieces))
         ended = time.monotonic()
         first_at = first_at or ended
         prefill_s, decode_s = first_at - started, ended - first_at
@@ -370,6 +418,14 @@ class LocalModel:
             audio_tokens=prompt.media_tokens("audio") if prompt else 0,
             transcript=request.transcript,
         )
+
+    def _remember_answer(self, prompt: list[int], produced: list[int], text: str) -> None:
+        """Keep the answer's tokens for the next prompt (OwnAnswer) when they are its text as the conversation
+        records it (blanks around it stripped; nothing else cut off)."""
+        self.last_answer = None
+        said = text.strip()
+        if said and self.llm.detokenize(produced).decode("utf-8", errors="replace").strip() == said:
+            self.last_answer = OwnAnswer(list(prompt), produced, said)
 
     def _feed_media(self, prompt: Prompt) -> None:
         """Evaluate every piece before the last text piece that the KV cache does not already hold.

@@ -1,9 +1,9 @@
 """Motion detection by frame differencing, cheap enough to run on every captured frame in the grabber thread.
 
 Each frame is shrunk to cfg.scale_width (aspect kept), made grey and lightly blurred (5x5 Gaussian, against
-sensor noise and compression artefacts). A pixel has changed when it differs from the previous frame's by more
-than cfg.threshold grey levels. When changed pixels cover at least cfg.min_area of the frame and cfg.cooldown
-seconds have passed since the last event, a MotionEvent goes to `sink` (if given; it runs in the caller's
+sensor noise and compression artefacts: scene.small_grey). A pixel has changed when it differs from the previous
+frame's by more than cfg.threshold grey levels. When changed pixels cover at least cfg.min_area of the frame and
+cfg.cooldown seconds have passed since the last event, a MotionEvent goes to `sink` (if given; it runs in the caller's
 thread and must not block) or into the bounded `events` queue (full: the event is dropped and counted).
 Subscribe it to a camera with `camera.subscribe(detector)`.
 """
@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from agent.config import MotionConfig
+from agent.perception.scene import small_grey
 from devices.camera import Frame
 
 log = logging.getLogger("agent.motion")
@@ -63,7 +64,7 @@ class MotionDetector:
 
     def feed(self, image: np.ndarray, ts: float, mono: float, seq: int = 0) -> MotionEvent | None:
         """The same for a bare BGR (or grey) image with its capture times."""
-        grey = self._small_grey(image)
+        grey = small_grey(image, self.cfg.scale_width)
         prev, self._prev = self._prev, grey
         if prev is None or prev.shape != grey.shape:
             return None
@@ -83,14 +84,6 @@ class MotionDetector:
     def reset(self) -> None:
         """Forget the previous frame (e.g. after the camera reconnects)."""
         self._prev = None
-
-    def _small_grey(self, image: np.ndarray) -> np.ndarray:
-        h, w = image.shape[:2]
-        width = min(self.cfg.scale_width, w)
-        height = max(1, round(h * width / w))
-        small = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA) if width != w else image
-        grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
-        return cv2.GaussianBlur(grey, (5, 5), 0)
 
     def _emit(self, event: MotionEvent) -> None:
         if self.sink is not None:

@@ -1,6 +1,7 @@
 """Conversation history: the last exchanges, kept while they fit the context, forgotten after a quiet spell
-(conversation.idle_reset) or on a `reset` command. The newest exchange keeps its image, so a follow-up question
-is about the same picture (and finds it in the KV cache); older exchanges keep only their text."""
+(conversation.idle_reset) or on a `reset` command. The newest exchange that showed an image keeps it, so a
+follow-up question is about the same picture (and finds it in the KV cache); older exchanges keep only their
+text. A question that shows the very picture already held (an unchanged view) leaves it where it is."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent.turns.types import Media, Turn
+from agent.turns.types import Media, Turn, same_images
 
 
 class Conversation:
@@ -32,8 +33,11 @@ class Conversation:
             self._last = self._clock()
             if self.max_exchanges == 0 or not answer.strip():
                 return
-            self._exchanges = [(Turn("user", q.text), a) for q, a in self._exchanges]  # one picture in context
             images = tuple(m for m in media if m.kind == "image")
+            if same_images(images, (m for q, _ in self._exchanges for m in q.media)):
+                images = ()  # the picture in context already: it stays with the exchange that showed it
+            elif images:
+                self._exchanges = [(Turn("user", q.text), a) for q, a in self._exchanges]  # one picture in context
             self._exchanges.append((Turn("user", question, images), Turn("model", answer.strip())))
             del self._exchanges[: -self.max_exchanges]
 

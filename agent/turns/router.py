@@ -12,16 +12,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from agent.config import Config
 from agent.contract.codes import AgentError, ErrorCode, EventType, Source
 from agent.contract.inbound import parse_ask, parse_describe, parse_listen
 from agent.perception.frames import FramePreparer, ModelImage
 from agent.perception.motion import MotionEvent
+from agent.perception.scene import StillWatch, same_scene, small_grey
 from agent.perception.stage import Perception
 from agent.turns.conversation import Conversation
 from agent.turns.policy import TurnPolicy
 from agent.turns.ratelimit import RateLimiter
 from agent.turns.types import Media, MediaSupport, Output, Request, Result, Sink, TurnQueue, new_id
+from devices.camera import Frame
 
 log = logging.getLogger("agent.turns.router")
 
@@ -45,11 +49,13 @@ class _AfterAnswer:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A frame encoded ahead of its turn: for which kind of turn, and when (wall clock) it was pinned."""
+    """A frame encoded ahead of its turn: for which kind of turn, when (wall clock) it was pinned, and the reduced
+    view (scene.small_grey) a later frame is compared with to reuse it."""
 
-    why: str  # "speech" (at its onset) | "motion" (for a describe that follows)
+    why: str  # "speech" (at its onset) | "motion" (for a describe that follows) | "ready" (a still view)
     image: ModelImage
     at: float
+    view: np.ndarray
 
 
 class Router:
@@ -66,6 +72,8 @@ class Router:
         self._motion_lock = threading.Lock()
         self._prepared: Prepared | None = None  # the frame last encoded ahead of its turn
         self._prepared_lock = threading.Lock()
+        self.frames_reused = 0  # turns and preparations that took the prepared frame for an unchanged view
+        self.still = StillWatch(cfg.motion) if self._can_prepare() and cfg.vision.ready_after > 0 else None
 
     @property
     def sink(self) -> Sink:
@@ -141,6 +149,21 @@ class Router:
                 self._last_motion_describe = event.mono
             self.describe(b"", source=Source.MOTION, remember=False)
 
+    def on_frame(self, frame: Frame) -> None:
+        """Every captured frame (the camera's grabber thread; vision.ready_after > 0): once the view has kept
+        still for ready_after seconds and differs from the frame last prepared, prepare it for whatever turn
+        comes. Cheap when nothing changes: one small grey view compared every 0.25 s."""
+        if self.still is None or (view := self.still.feed(frame.image, frame.mono)) is None:
+            return
+        if self.still.still_for(frame.mono) < self.cfg.vision.ready_after:
+            return
+        with self._prepared_lock:
+            prepared = self._prepared
+        if prepared is None or not same_scene(view, prepared.view, self.cfg.motion):
+            log.info("the view has kept still for %.1fs: preparing frame %d ahead of any question",
+                     self.cfg.vision.ready_after, frame.seq)
+            self._prepare("ready", Request(text="", source=Source.DESCRIBE), frame=frame)
+
     def on_speech_onset(self, start: float) -> None:
         """Speech began (the microphone's thread): when its turn will carry the frame, prepare that frame now, so
         after the end of speech only the question is left to evaluate."""
@@ -172,16 +195,20 @@ class Router:
         except AgentError as exc:
             (sink or self.output).on_error(request, exc)
 
-    def _prepare(self, why: str, request: Request, since: float | None = None) -> None:
-        """Pin the latest frame for the turn `why` announces and have the model encode it ahead of that turn."""
-        if not (self.cfg.vision.prepare and self.support.vision and self.perception.camera is not None):
+    def _can_prepare(self) -> bool:
+        return self.cfg.vision.prepare and self.support.vision and self.perception.camera is not None
+
+    def _prepare(self, why: str, request: Request, since: float | None = None, frame: Frame | None = None) -> None:
+        """Pin the latest frame (or `frame`; the prepared one while the view is unchanged) for the turn `why`
+        announces and have the model encode it ahead of that turn: nothing left to do when its KV is cached."""
+        if not self._can_prepare():
             return
         try:
-            image = self.fresh_frame()
+            image, view = self._scene_frame(frame)
         except AgentError:
             return
         with self._prepared_lock:
-            self._prepared = Prepared(why, image, time.time() if since is None else since)
+            self._prepared = Prepared(why, image, time.time() if since is None else since, view)
         request.media.append(Media("image", image.rgb))
         self.turns.prepare(request)
 
@@ -215,7 +242,7 @@ class Router:
         if not requested and not self.support.vision:
             return
         try:
-            prepared = prepared or self.fresh_frame()
+            prepared = prepared or self._scene_frame()[0]
         except AgentError:
             if requested:
                 raise
@@ -229,8 +256,24 @@ class Router:
         if prepared.jpeg is not None:
             self.output.snapshot(prepared.jpeg)
 
-    def fresh_frame(self) -> ModelImage:
-        """The latest frame prepared for the model, or AgentError naming the camera's state."""
+    def _scene_frame(self, frame: Frame | None = None) -> tuple[ModelImage, np.ndarray]:
+        """The image for the camera's current view (or `frame`'s), and that view reduced: the prepared frame's
+        image while the view shows the same scene (what the motion detector would not call motion: the model has
+        it already, so it is neither encoded nor evaluated again), else the latest frame's. AgentError naming
+        the camera's state when there is no fresh frame."""
+        frame = frame or self._latest_frame()
+        view = small_grey(frame.image, self.cfg.motion.scale_width)
+        with self._prepared_lock:
+            prepared = self._prepared
+            if prepared is not None and same_scene(view, prepared.view, self.cfg.motion):
+                self.frames_reused += 1
+                log.debug("frame %d shows the scene of prepared frame %d: reusing it", frame.seq,
+                          prepared.image.seq)
+                return prepared.image, prepared.view
+        return self.frames(frame), view
+
+    def _latest_frame(self) -> Frame:
+        """The camera's latest frame, or AgentError naming the camera's state."""
         camera = self.perception.camera
         if camera is None:
             detail = self.perception.camera_error or "no camera is configured (camera.enabled is false)"
@@ -242,7 +285,7 @@ class Router:
         if age > self.cfg.vision.max_frame_age:
             raise AgentError(ErrorCode.STALE_FRAME, f"the latest frame is {age:.1f}s old (vision.max_frame_age "
                              f"{self.cfg.vision.max_frame_age}s); camera state {camera.state}")
-        return self.frames(frame)
+        return frame
 
     def stats(self) -> dict[str, Any]:
-        return {"rate_limited": self.limiter.refused}
+        return {"rate_limited": self.limiter.refused, "frames_reused": self.frames_reused}

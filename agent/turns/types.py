@@ -7,6 +7,7 @@ import hashlib
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -34,6 +35,12 @@ class Media:
         """A negative pseudo-token that stands for this exact content in the engine's token bookkeeping."""
         digest = hashlib.blake2b(np.ascontiguousarray(self.data).tobytes(), digest_size=4).digest()
         return -1 - (int.from_bytes(digest, "little") & 0x3FFFFFFF)
+
+
+def same_images(a: Iterable[Media], b: Iterable[Media]) -> bool:
+    """Whether two media lists show the very same pictures (by content), at least one."""
+    keys_a = [m.key for m in a if m.kind == "image"]
+    return bool(keys_a) and keys_a == [m.key for m in b if m.kind == "image"]
 
 
 @dataclass(frozen=True)
