@@ -72,7 +72,7 @@ def test_a_follow_up_finds_the_answer_it_follows_in_the_kv_cache(model: LocalMod
     """Re-tokenized from its text, the random model's answer to these questions is cut into other tokens than it
     produced (the blank the turn format puts before it joins its first word; after this picture, 5 of its tokens
     would miss): put back as produced, the exchange stays in the KV cache and a follow-up evaluates only its own
-    words, after a picture or not."""
+    words, after a picture or not; and so does the next one, whose prompt carries both answers."""
     media = () if seed is None else (Media("image", picture(seed)),)
     question = Turn("user", text, media)
     first = model.generate(Request(text=question.text), turns=[question])
@@ -82,6 +82,9 @@ def test_a_follow_up_finds_the_answer_it_follows_in_the_kv_cache(model: LocalMod
         assert model.cached_prefix(model.tokenize(model.render(turns))) < held  # re-spelled, the cache would miss
     follow = model.generate(Request(text="And then?"), turns=turns)
     assert follow.cached_tokens == held and follow.prompt_tokens - held < 12
+    turns = [*turns, Turn("model", follow.text.strip()), Turn("user", "Who?")]  # both answers, as produced
+    third = model.generate(Request(text="Who?"), turns=turns)
+    assert third.cached_tokens == follow.prompt_tokens + follow.completion_tokens - 1
 
 
 @pytest.mark.parametrize("projector", ["gemma3nv", "gemma4v"])

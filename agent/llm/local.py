@@ -139,7 +139,7 @@ class LocalModel:
         self.threads = threads
         self._projector: Projector | None = None
         self._tokenized: Tokenized | None = None  # the last media prompt, to cut a follow-up without the projector
-        self.last_answer: OwnAnswer | None = None  # the last answer as produced, put back into a follow-up's prompt
+        self.answers: list[OwnAnswer] = []  # recent answers as produced, put back into the prompts that carry them
         self.projector_used = 0.0
         self._load_s = self._encode_s = 0.0  # this turn's projector load and encode time
         # False when the memory plan loads the projector for each image and frees it before decoding
@@ -278,8 +278,7 @@ class LocalModel:
             tokens = prompt.tokens
         else:
             tokens = self.tokenize(self.render(turns, request.system))
-            put_back = self.last_answer.put_back(tokens, self.llm.detokenize) if self.last_answer else None
-            tokens = put_back or tokens
+            tokens = self._put_back(tokens)
         try:
             return self._run(request, tokens, prompt, started, deadline, on_delta, cancel)
         finally:
@@ -328,14 +327,21 @@ class LocalModel:
         return self._own_answer(prompt)
 
     def _own_answer(self, prompt: Prompt) -> Prompt:
-        """The prompt with the last answer put back as produced (OwnAnswer), where it lies in the final text
+        """The prompt with recent answers put back as produced (OwnAnswer), where they lie in the final text
         piece: the one piece evaluated by generation, after the media."""
         tail = prompt.pieces[-1]
         start = len(prompt.tokens) - len(tail.tokens)
-        answer = self.last_answer
-        if answer is not None and (tokens := answer.put_back(prompt.tokens, self.llm.detokenize, start)) is not None:
+        tokens = self._put_back(prompt.tokens, start)
+        if tokens[start:] != tail.tokens:
             prompt.pieces[-1] = dataclasses.replace(tail, tokens=tokens[start:])
         return prompt
+
+    def _put_back(self, tokens: list[int], start: int = 0) -> list[int]:
+        """`tokens` with each recent answer they carry put back as produced, oldest first (each answer's prompt
+        holds the ones before it as produced)."""
+        for answer in self.answers:
+            tokens = answer.put_back(tokens, self.llm.detokenize, start) or tokens
+        return tokens
 
     def _run(self, request: Request, tokens: list[int], prompt: Prompt | None, started: float, deadline: float,
              on_delta: Callable[[str, int], None] | None, cancel: Flag | None) -> Result:
@@ -420,12 +426,13 @@ class LocalModel:
         )
 
     def _remember_answer(self, prompt: list[int], produced: list[int], text: str) -> None:
-        """Keep the answer's tokens for the next prompt (OwnAnswer) when they are its text as the conversation
-        records it (blanks around it stripped; nothing else cut off)."""
-        self.last_answer = None
+        """Keep the answer's tokens for later prompts (OwnAnswer; the last 16) when they are its text as the
+        conversation records it (blanks around it stripped; nothing else cut off)."""
         said = text.strip()
+        while produced and not self.llm.detokenize(produced[-1:]).strip():  # a line's end: the prompt spells its own
+            produced = produced[:-1]
         if said and self.llm.detokenize(produced).decode("utf-8", errors="replace").strip() == said:
-            self.last_answer = OwnAnswer(list(prompt), produced, said)
+            self.answers = [*self.answers[-15:], OwnAnswer(list(prompt), produced, said)]
 
     def _feed_media(self, prompt: Prompt) -> None:
         """Evaluate every piece before the last text piece that the KV cache does not already hold.
