@@ -275,10 +275,9 @@ class LocalModel:
             self.release_projector("a text turn: the memory plan has no room for it beside decoding")
         prompt = self._media_prompt(turns, request.system) if shown else None
         if prompt is not None:
-            tokens = prompt.tokens
+            tokens = prompt.tokens  # answers put back by _media_prompt
         else:
-            tokens = self.tokenize(self.render(turns, request.system))
-            tokens = self._put_back(tokens)
+            tokens = self._put_back(self.tokenize(self.render(turns, request.system)))
         try:
             return self._run(request, tokens, prompt, started, deadline, on_delta, cancel)
         finally:

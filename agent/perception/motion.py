@@ -15,11 +15,10 @@ import queue
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from agent.config import MotionConfig
-from agent.perception.scene import small_grey
+from agent.perception.scene import changed_mask, moved, share, small_grey
 from devices.camera import Frame
 
 log = logging.getLogger("agent.motion")
@@ -68,10 +67,10 @@ class MotionDetector:
         prev, self._prev = self._prev, grey
         if prev is None or prev.shape != grey.shape:
             return None
-        changed = cv2.absdiff(grey, prev) > self.cfg.threshold
-        area = float(np.count_nonzero(changed)) / changed.size
+        changed = changed_mask(grey, prev, self.cfg.threshold)
+        area = share(changed)
         self.last_area = area
-        if area <= 0.0 or area < self.cfg.min_area:
+        if not moved(area, self.cfg.min_area):
             return None
         if self._last_event is not None and mono - self._last_event < self.cfg.cooldown:
             return None

@@ -9,8 +9,6 @@ ahead of any question, and to reuse that image while the view stays the same.
 
 from __future__ import annotations
 
-import threading
-
 import cv2
 import numpy as np
 
@@ -27,26 +25,33 @@ def small_grey(image: np.ndarray, scale_width: int) -> np.ndarray:
     return cv2.GaussianBlur(grey, (5, 5), 0)
 
 
-def changed_share(a: np.ndarray, b: np.ndarray, threshold: int) -> float:
-    """The share (0-1) of pixels of two reduced views that differ by more than `threshold` (1.0: other shapes)."""
-    if a.shape != b.shape:
-        return 1.0
-    changed = cv2.absdiff(a, b) > threshold
-    return float(np.count_nonzero(changed)) / changed.size
+def changed_mask(a: np.ndarray, b: np.ndarray, threshold: int) -> np.ndarray:
+    """The pixels of two reduced views (same shape) that differ by more than `threshold` grey levels."""
+    return cv2.absdiff(a, b) > threshold
+
+
+def share(mask: np.ndarray) -> float:
+    """The share (0-1) of a mask's pixels that are set."""
+    return float(np.count_nonzero(mask)) / mask.size
+
+
+def moved(area: float, min_area: float) -> bool:
+    """Whether a changed share is motion: something changed, over at least `min_area` of the view."""
+    return area > 0.0 and area >= min_area
 
 
 def same_scene(a: np.ndarray, b: np.ndarray, cfg: MotionConfig) -> bool:
     """Whether two reduced views show the same scene: what the motion detector would not call motion."""
-    return changed_share(a, b, cfg.threshold) < max(cfg.min_area, 1e-9)
+    return a.shape == b.shape and not moved(share(changed_mask(a, b, cfg.threshold)), cfg.min_area)
 
 
 class StillWatch:
-    """Follows a camera's frames (call it with a frame's BGR image and monotonic capture time) at most every
-    `every` seconds, and says since when its view has kept still. Thread-safe: fed by the grabber thread."""
+    """Follows a camera's frames (feed it a frame's BGR image and monotonic capture time), looking at one at most
+    every `every` seconds, and says how long its view has kept still. One thread feeds and asks it (the camera's
+    grabber)."""
 
     def __init__(self, cfg: MotionConfig, every: float = 0.25) -> None:
         self.cfg, self.every = cfg, every
-        self._lock = threading.Lock()
         self._grey: np.ndarray | None = None
         self._checked = float("-inf")
         self._still_since = 0.0
@@ -56,13 +61,11 @@ class StillWatch:
         if mono - self._checked < self.every:
             return None
         grey = small_grey(image, self.cfg.scale_width)
-        with self._lock:
-            if self._grey is None or not same_scene(grey, self._grey, self.cfg):
-                self._still_since = mono
-            self._grey, self._checked = grey, mono
+        if self._grey is None or not same_scene(grey, self._grey, self.cfg):
+            self._still_since = mono
+        self._grey, self._checked = grey, mono
         return grey
 
     def still_for(self, now: float) -> float:
         """Seconds the view has kept still as of `now` (0 before the first frame)."""
-        with self._lock:
-            return 0.0 if self._grey is None else now - self._still_since
+        return 0.0 if self._grey is None else now - self._still_since
