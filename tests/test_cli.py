@@ -119,3 +119,27 @@ def test_check_exits_as_run_would(gemma270m: Path, broker: Broker, tmp_path: Pat
     assert run(*base, *wake, "run", timeout=120).returncode == 78
     camera = run(*base, "--set", "camera.enabled=true", "--set", "camera.source=/nonexistent/door.avi", "check")
     assert camera.returncode == 1 and "camera      PROBLEM: /nonexistent/door.avi does not exist" in camera.stdout
+
+
+def test_gpu_layers_without_a_gpu_build_are_reported_and_run_on_the_cpu(gemma270m: Path, broker: Broker) -> None:
+    """The llama-cpp-python built here has no GPU backend: model.n_gpu_layers offloads nothing, `check` says so
+    as a problem and the daemon warns, then answers on the CPU. (The offload itself needs a GPU build and a GPU.)"""
+    from tests.support.daemon import DaemonProcess
+    from tests.support.mqtt import Client, payload_json
+
+    checked = run("--set", f"model.path={gemma270m}", "--set", "mqtt.host=127.0.0.1", "--set",
+                  f"mqtt.port={broker.port}", "--set", "model.n_gpu_layers=-1", "check")
+    assert checked.returncode == 1, checked.stdout
+    assert ("gpu         PROBLEM: model.n_gpu_layers is -1, but the installed llama-cpp-python has no GPU backend: "
+            "every layer runs on the CPU") in checked.stdout
+    daemon = DaemonProcess(broker.port, gemma270m, "model.n_gpu_layers=20")
+    client = Client(broker.port)
+    client.subscribe(f"{daemon.base}/#")
+    daemon.start(client)
+    assert "model.n_gpu_layers is 20, but the installed llama-cpp-python has no GPU backend" in \
+        daemon.wait_log("model.n_gpu_layers is 20")
+    client.publish(f"{daemon.base}/ask", {"id": "cpu", "text": "What is two plus two?"})
+    answer = payload_json(client.wait_for(f"{daemon.base}/response", lambda m: payload_json(m)["id"] == "cpu")[0])
+    assert answer["text"] and answer["tokens"]["completion"] > 0
+    daemon.stop()
+    client.close()

@@ -63,7 +63,7 @@ def check_model(cfg: Config, report: Report) -> bool | None:
         return cfg.remote.audio
     from agent.gguf import ModelFileError, describe, verify
     from agent.llm.input_size import resized
-    from agent.llm.loader import media_use, speech_bytes
+    from agent.llm.loader import gpu_offload_unused, media_use, speech_bytes
     from agent.llm.prompt import prompt_format
     from agent.memory.plan import plan
 
@@ -80,6 +80,10 @@ def check_model(cfg: Config, report: Report) -> bool | None:
     except ModelFileError as exc:
         report.line("model", str(exc), ExitCode.EX_NOINPUT if exc.missing else ExitCode.EX_DATAERR)
         return None
+    if unused := gpu_offload_unused(cfg.model.n_gpu_layers):
+        report.line("gpu", unused, ExitCode.FAILURE)
+    elif cfg.model.n_gpu_layers:
+        report.line("gpu", f"model.n_gpu_layers {cfg.model.n_gpu_layers}: offloaded to the GPU llama.cpp finds")
     chosen = plan(info, cfg.model, cfg.memory, projector=sized or projector, speech=speech_bytes(cfg, projector),
                   media=media_use(cfg))
     print("\n".join(chosen.lines()))

@@ -49,7 +49,19 @@ def load_model(cfg: Config) -> LocalModel:
         raise ModelLoadError(chosen.refusal())  # the table and what would fit, once
     for line in chosen.lines(rows=4):
         log.info("%s", line)
+    if unused := gpu_offload_unused(cfg.model.n_gpu_layers):
+        log.warning("%s", unused)
     return LocalModel(model_cfg, plan=chosen)
+
+
+def gpu_offload_unused(n_gpu_layers: int) -> str | None:
+    """Why model.n_gpu_layers offloads nothing with the installed llama-cpp-python (None: 0, or a GPU build)."""
+    import llama_cpp
+
+    if n_gpu_layers == 0 or llama_cpp.llama_supports_gpu_offload():
+        return None
+    return (f"model.n_gpu_layers is {n_gpu_layers}, but the installed llama-cpp-python has no GPU backend: every "
+            "layer runs on the CPU (a CUDA build on Jetson: EXTRA_CMAKE_ARGS=\"-DGGML_CUDA=on\" bash .ci/setup)")
 
 
 def media_use(cfg: Config) -> MediaUse:
