@@ -1,8 +1,9 @@
-"""Work done before the question is complete, through the daemon on the tiny models: the frame a spoken turn will
-carry is encoded at speech onset and reused by that turn; a frame prepared at motion serves a describe while it
-is fresh, and not once it is stale; a still view is encoded ahead of any question (vision.ready_after) and serves
-every turn about it while it stays unchanged; a turn started at a short pause is answered once when the pause
-was the end, and nothing of it is published when speech resumes."""
+"""Work done before the question is complete, through the daemon on the tiny models: the system prompt is
+evaluated at start and a spoken turn's prompt up to its question at speech onset, so the turn evaluates only its
+question; the frame a spoken turn will carry is encoded at speech onset and reused by that turn; a frame prepared
+at motion serves a describe while it is fresh, and not once it is stale; a still view is encoded ahead of any
+question (vision.ready_after) and serves every turn about it while it stays unchanged; a turn started at a short
+pause is answered once when the pause was the end, and nothing of it is published when speech resumes."""
 
 from __future__ import annotations
 
@@ -33,6 +34,42 @@ def health(client: Client, base: str, check: Any) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def door(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_video(tmp_path_factory.mktemp("ahead") / "door.avi", 90, fps=15.0, frame=moving_square)
+
+
+def question_tokens(text: str) -> int:
+    """How many tokens a question adds to the tiny model's completion prompt (" <question>\nA:")."""
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(str(testmodels.tiny_text()), vocab_only=True, verbose=False)
+    return len(vocab.tokenize(f" {' '.join(text.split())}\nA:".encode(), add_bos=False, special=True))
+
+
+def uncached(body: dict[str, Any]) -> int:
+    return int(body["tokens"]["prompt"] - body["tokens"]["cached"])
+
+
+def test_the_system_prompt_is_evaluated_before_the_first_turn(broker: Broker) -> None:
+    daemon, client = start(broker)
+    client.publish(f"{daemon.base}/ask", {"id": "first", "text": "Is the gate open?"})
+    body = payload_json(client.wait_for(f"{daemon.base}/response", lambda m: payload_json(m)["id"] == "first")[0])
+    assert body["tokens"]["cached"] > 40  # the system prompt and the completion frame's examples
+    assert uncached(body) <= question_tokens("Is the gate open?") + 1  # + the prompt's last token before it
+    daemon.stop()
+    client.close()
+
+
+def test_a_spoken_turn_evaluates_only_its_question(broker: Broker, tmp_path: Path) -> None:
+    """The second question's prompt carries the first exchange: evaluated at the second's speech onset (without,
+    the turn would evaluate the blank line and "Q:" after the first answer too)."""
+    pcm, _ = compose([(0.5, espeak("Is the gate open?")), (5.0, espeak("And the garage door?"))], total_s=8.0)
+    daemon, client = speech_daemon(broker, write_wav(tmp_path / "two.wav", pcm))
+    heard = [payload_json(m)["id"] for m in client.wait_for(f"{daemon.base}/transcript", count=2, timeout=60)]
+    answers = {payload_json(m)["id"]: payload_json(m) for m in client.wait_for(
+        f"{daemon.base}/response", lambda m: payload_json(m)["id"] in heard, count=2)}
+    for body in answers.values():
+        assert uncached(body) <= question_tokens(body["transcript"]) + 1, body
+    daemon.stop()
+    client.close()
 
 
 def test_the_frame_of_a_spoken_turn_is_encoded_while_the_person_speaks(broker: Broker, door: Path,

@@ -17,7 +17,7 @@ from agent.llm import llama_shim
 from agent.llm.engine import Engine
 from agent.llm.local import LocalModel
 from agent.turns.conversation import Conversation
-from agent.turns.types import Media, Request, Result
+from agent.turns.types import Media, Request, Result, Turn
 from tests.support import models as testmodels
 
 SYSTEM = "You are a helpful assistant. " * 12
@@ -62,6 +62,26 @@ def test_system_prompt_prefix_is_reused(model: LocalModel) -> None:
     system_tokens = len(model.tokenize(f"<bos><start_of_turn>user\n{SYSTEM}\n\n"))
     assert result.cached_tokens >= system_tokens - 8 > 50
     assert result.prompt_tokens - result.cached_tokens < 30
+
+
+def test_the_prompt_up_to_the_question_is_evaluated_ahead(model: LocalModel) -> None:
+    """What the engine does at start (the system prompt) and at speech onset (the conversation so far): the turn
+    then evaluates only its question; a turn not prepared evaluates what came between as well."""
+    system = "You answer questions about the house in one short sentence."  # not in the KV cache yet
+
+    def rest(question: str) -> int:  # + the prompt's last token ahead of the question, left to the turn
+        return len(model.tokenize(f" {question}\nA:")) + 1
+
+    model.prepare(Request("", system=system), [Turn("user", "")])
+    first = model.generate(Request("Is the gate open?", system=system))
+    assert first.cached_tokens > 40 and first.prompt_tokens - first.cached_tokens <= rest("Is the gate open?")
+    turns = [Turn("user", "Is the gate open?"), Turn("model", first.text)]
+    model.prepare(Request("", system=system), [*turns, Turn("user", "")])
+    second = model.generate(Request("And the door?", system=system), [*turns, Turn("user", "And the door?")])
+    assert second.prompt_tokens - second.cached_tokens <= rest("And the door?")
+    turns += [Turn("user", "And the door?"), Turn("model", second.text)]
+    third = model.generate(Request("And the car?", system=system), [*turns, Turn("user", "And the car?")])
+    assert third.prompt_tokens - third.cached_tokens > rest("And the car?")
 
 
 def test_max_tokens_stops_the_turn(model: LocalModel) -> None:

@@ -197,8 +197,17 @@ def test_speech_takes_no_frame_without_a_camera_and_is_queued() -> None:
     spoken = Request(text="what is that", source=Source.SPEECH, spoken=(1.0, 2.0))
     r.on_speech(spoken)
     assert queue.submitted[0][0] is spoken and spoken.media == [] and output.journal == [spoken.id]
-    r.on_speech_onset(5.0)  # no camera: nothing to prepare
+    r.on_speech_onset(5.0)  # no camera: the prompt up to the question only, no frame
+    assert [(p.source, p.text, p.media) for p in queue.prepared] == [(Source.SPEECH, "", [])]
+
+
+def test_speech_that_will_not_be_a_turn_prepares_nothing() -> None:
+    r, queue, _, _, policy = router("listen.trigger=wake_phrase")
+    r.on_speech_onset(5.0)  # whether it is a turn is known only from its transcript
     assert queue.prepared == []
+    policy.open_window(why="test")
+    r.on_speech_onset(6.0)
+    assert [p.source for p in queue.prepared] == [Source.SPEECH]
 
 
 # --- with a camera: a video file replayed by the real Camera -------------------------------------------------
@@ -290,7 +299,7 @@ def test_the_frame_prepared_at_speech_onset_is_the_one_the_turn_carries(seeing: 
     assert r.stats()["frames_reused"] == 0
     quiet, queue, _, _ = seeing("vision.attach=on_request")
     quiet.on_speech_onset(time.time())
-    assert queue.prepared == []  # the turn will not carry a frame: nothing to prepare
+    assert [p.media for p in queue.prepared] == [[]]  # the turn will not carry a frame: its prompt up to the question
 
 
 def test_a_later_frame_of_an_unchanged_view_stands_for_the_prepared_one(seeing: Any, calm: str) -> None:

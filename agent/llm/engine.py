@@ -89,7 +89,9 @@ class Engine:
         self.progress_at = time.monotonic()
 
     def start(self) -> None:
+        """Start serving; the system prompt (and a restored conversation) is evaluated first, while nothing waits."""
         self._thread.start()
+        self.prepare(Request(text=""))
 
     @property
     def alive(self) -> bool:
@@ -188,9 +190,9 @@ class Engine:
         self.progress_at = time.monotonic()
         try:
             self.model.prepare(request, self._turns(request))
-            self.prepared += 1
+            self.prepared += bool(request.media)
         except AgentError as exc:
-            log.info("preparing %s's image failed: %s", request.source, exc.detail)
+            log.info("preparing %s's turn failed: %s", request.source, exc.detail)
         except Exception:  # the turn itself will report what is wrong
             log.exception("preparing a turn failed")
         finally:

@@ -285,26 +285,49 @@ class LocalModel:
                 prompt.close()
 
     def prepare(self, request: Request, turns: list[Turn]) -> None:
-        """Evaluate the prompt up to and including the request's media (its text is not known yet: a speech turn
-        prepared at speech onset), so the turn finds them in the KV cache and evaluates only its question."""
-        if not request.media:
-            return
-        turns = [*turns[:-1], Turn("user", "", turns[-1].media)]  # no media of its own: the picture talked about
-        prompt = self._media_prompt(turns, request.system)
+        """Evaluate the prompt up to the request's question, its media included (the question is not known yet:
+        a speech turn prepared at speech onset, the system prompt at start), so the turn finds the rest in the KV
+        cache and evaluates only its question."""
+        if any(t.media for t in turns[:-1]) and not request.media:
+            return  # the conversation holds a picture: cut only by libmtmd, which a text turn may not load
         self._arm_abort(time.monotonic() + self.cfg.deadline, request.cancel)
+        began = time.monotonic()
         try:
-            began = time.monotonic()
-            self._feed_media(prompt)
-            log.info("prepared %s's %d media item(s) in %.0f ms", request.source, len(request.media),
-                     (time.monotonic() - began) * 1000)
+            if request.media:
+                self._prepare_media(turns, request.system)
+            else:
+                self._prefill(self._head(turns, request.system))
+            log.info("evaluated the prompt ahead of a %s turn (%d media item(s)) in %.0f ms", request.source,
+                     len(request.media), (time.monotonic() - began) * 1000)
         except RuntimeError as exc:
             if not self._should_abort(None):
                 raise AgentError(ErrorCode.MODEL_ERROR, f"llama.cpp failed preparing the turn: {exc}") from None
         finally:
             self._disarm_abort()
+
+    def _prepare_media(self, turns: list[Turn], system: str | None) -> None:
+        turns = [*turns[:-1], Turn("user", "", turns[-1].media)]  # no media of its own: the picture talked about
+        prompt = self._media_prompt(turns, system)
+        try:
+            self._feed_media(prompt)
+        finally:
             prompt.close()
             if not self.projector_resident:
                 self.release_projector("an on-demand plan")
+
+    def _head(self, turns: list[Turn], system: str | None) -> list[int]:
+        """The tokens of the prompt ahead of the last turn's text, but the last one (it may merge with the text's
+        first), answers put back as produced: what any question in that place will start with."""
+        one, other = (self.render([*turns[:-1], Turn("user", text)], system) for text in ("a", "b"))
+        same = next(i for i, (x, y) in enumerate(zip(one, other, strict=True)) if x != y)
+        return self._put_back(self.tokenize(one[:same]))[:-1]
+
+    def _prefill(self, tokens: list[int]) -> None:
+        """Evaluate what `tokens` add to the KV cache's longest prefix of them."""
+        keep = self.cached_prefix(tokens)
+        if keep < len(tokens):
+            llama_shim.keep_prefix(self.llm, keep)
+            self.llm.eval(tokens[keep:])
 
     def _media_prompt(self, turns: list[Turn], system: str | None) -> Prompt:
         """The prompt cut into text and media pieces: each turn's media (a marker each, before its text). A

@@ -165,10 +165,14 @@ class Router:
             self._prepare("ready", Request(text="", source=Source.DESCRIBE), frame=frame)
 
     def on_speech_onset(self, start: float) -> None:
-        """Speech began (the microphone's thread): when its turn will carry the frame, prepare that frame now, so
-        after the end of speech only the question is left to evaluate."""
-        if self.cfg.vision.attach == "always" and self.policy.expects_turn():
-            self._prepare("speech", Request(text="", source=Source.SPEECH), since=start)
+        """Speech began (the microphone's thread) and will be a turn: evaluate its prompt up to the question now
+        (the frame it will carry, or the system prompt and conversation), so after the end of speech only the
+        question is left to evaluate."""
+        if not self.policy.expects_turn():
+            return
+        framed = self.cfg.vision.attach == "always"
+        if not (framed and self._prepare("speech", Request(text="", source=Source.SPEECH), since=start)):
+            self.turns.prepare(Request(text="", source=Source.SPEECH))
 
     def on_speech(self, request: Request, sink: Sink | None = None) -> None:
         """A speech turn from the speech worker: attach the frame per vision.attach (the one prepared at its onset
@@ -198,19 +202,21 @@ class Router:
     def _can_prepare(self) -> bool:
         return self.cfg.vision.prepare and self.support.vision and self.perception.camera is not None
 
-    def _prepare(self, why: str, request: Request, since: float | None = None, frame: Frame | None = None) -> None:
+    def _prepare(self, why: str, request: Request, since: float | None = None, frame: Frame | None = None) -> bool:
         """Pin the latest frame (or `frame`; the prepared one while the view is unchanged) for the turn `why`
-        announces and have the model encode it ahead of that turn: nothing left to do when its KV is cached."""
+        announces and have the model encode it ahead of that turn: nothing left to do when its KV is cached.
+        False when there is no frame to prepare."""
         if not self._can_prepare():
-            return
+            return False
         try:
             image, view = self._scene_frame(frame)
         except AgentError:
-            return
+            return False
         with self._prepared_lock:
             self._prepared = Prepared(why, image, time.time() if since is None else since, view)
         request.media.append(Media("image", image.rgb))
         self.turns.prepare(request)
+        return True
 
     def _prepared_frame(self, why: str, spoken: tuple[float, float] | None = None) -> ModelImage | None:
         """The frame prepared for this turn: at its speech's onset, or (describe) at motion still fresh."""
