@@ -52,6 +52,13 @@ def tiny_text(template: bool = False) -> Path:
                    lambda p: synth.write_gemma3n_text(p, synth.TINY, tokenizer, chat_template=template))
 
 
+def deep_text() -> Path:
+    """Tiny Gemma 3n text model with layers past the last KV-writing one (synth.DEEP)."""
+    tokenizer = gemma3_tokenizer()
+    params = {"shape": repr(synth.DEEP), "tokenizer": tokenizer.name}
+    return _cached("gemma3n-deep", ".gguf", params, lambda p: synth.write_gemma3n_text(p, synth.DEEP, tokenizer))
+
+
 def tiny_vision_projector(image_size: int = 512) -> Path:
     """Tiny MobileNetV5 gemma3nv projector for tiny_text(): 256 tokens per image."""
     params = {"arch": repr(synth.TINY_VISION), "n_embd": synth.TINY.n_embd, "image_size": image_size}

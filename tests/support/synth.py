@@ -343,6 +343,10 @@ class TextShape:
 # Tiny test model: 2 layers (one sliding, one global: a pattern with no sliding layer aborts llama.cpp).
 TINY = TextShape("tiny", n_layer=2, n_embd=32, n_ff=64, n_head=1, n_head_kv=1, head_dim=32, shared_kv_layers=0,
                  per_layer_type=Q.TQ1_0, token_embd_type=Q.Q4_0, swa_period=2, sparse_layers=1)
+# Deep tiny model: 24 layers, so the last 4 reuse earlier layers' KV (llama.cpp fixes n_layer_kv_from_start at 20
+# for gemma3n) as E2B's last 10 do; F32 matrices, so a row's result does not depend on the rows beside it.
+DEEP = TextShape("deep", n_layer=24, n_embd=32, n_ff=64, n_head=1, n_head_kv=1, head_dim=32, shared_kv_layers=4,
+                 per_layer_type=Q.TQ1_0, token_embd_type=Q.Q4_0, matrix_type=Q.F32, swa_period=2, sparse_layers=1)
 # Published shapes (google/gemma-3n-E2B-it, -E4B-it config.json); 262,144 embedding rows as in the published
 # GGUFs (their Q8_0 size matches 262,144 rows to the kilobyte, not the converter's newer 262,400 padding).
 E2B = TextShape("E2B", n_layer=30, n_embd=2048, n_ff=8192, n_head=8, n_head_kv=2, head_dim=256, shared_kv_layers=10)
