@@ -1,14 +1,17 @@
 """The llama.cpp this project builds (.ci/build-llama, .ci/llama-patches): installed with its patches, and a prompt
-evaluated with Gemma 3n's KV-sharing layers cut down to the output rows gives the logits and the continuation of
-the full computation."""
+evaluated with the KV-sharing layers of Gemma 3n and Gemma 4 cut down to the output rows gives the logits and the
+continuation of the full computation."""
 
 from __future__ import annotations
 
 import hashlib
 from importlib.metadata import version
+from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
+import pytest
 
 from agent.llm import llama_shim
 from tests.support import models as testmodels
@@ -21,11 +24,11 @@ def test_the_installed_llama_cpp_python_is_built_with_the_project_patches() -> N
     assert patches and version("llama-cpp-python") == f"{llama_shim.TESTED_VERSION}+gemmaagent.{label}"
 
 
-def prefill(all_rows: bool, tokens: list[int]) -> tuple[np.ndarray, list[int]]:
+def prefill(model: Path, all_rows: bool, tokens: list[int]) -> tuple[np.ndarray, list[int]]:
     """The last prompt token's logits and a greedy continuation; `all_rows`: logits for every prompt token, so no
     row can be left out."""
-    llm = llama_cpp.Llama(str(testmodels.deep_text()), n_ctx=256, n_batch=64, n_ubatch=16, n_threads=2,
-                          logits_all=all_rows, verbose=False)
+    llm = llama_cpp.Llama(str(model), n_ctx=256, n_batch=64, n_ubatch=16, n_threads=2, logits_all=all_rows,
+                          verbose=False)
     def last() -> np.ndarray:
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama_shim.context_handle(llm), -1),
                                      shape=(llm.n_vocab(),)).copy()
@@ -41,11 +44,12 @@ def prefill(all_rows: bool, tokens: list[int]) -> tuple[np.ndarray, list[int]]:
         llm.close()
 
 
-def test_only_the_output_rows_past_the_kv_layers_give_the_full_result() -> None:
+@pytest.mark.parametrize("model", [testmodels.deep_text, testmodels.gemma4_text], ids=["gemma3n", "gemma4"])
+def test_only_the_output_rows_past_the_kv_layers_give_the_full_result(model: Any) -> None:
     """40 tokens in micro-batches of 16: two without an output (their last row is kept), one with one."""
     tokens = [int(t) for t in np.random.default_rng(3).integers(300, 30000, size=40)]
-    cut, cut_following = prefill(False, tokens)
-    full, full_following = prefill(True, tokens)
+    cut, cut_following = prefill(model(), False, tokens)
+    full, full_following = prefill(model(), True, tokens)
     assert np.isfinite(cut).all() and np.abs(full).max() > 0.1
     np.testing.assert_allclose(cut, full, rtol=0, atol=1e-4 * float(np.abs(full).max()))
     assert cut_following == full_following

@@ -110,8 +110,10 @@ def cache_root() -> Path:
 
 
 def llama_cpp_version() -> str:
+    """The installed release, without a local build label (.ci/build-llama's `+gemmaagent.<patches>`): the
+    source distribution on PyPI the converter comes from (the patches touch no converter file)."""
     try:
-        return metadata.version(LLAMA_CPP_PACKAGE)
+        return metadata.version(LLAMA_CPP_PACKAGE).split("+")[0]
     except metadata.PackageNotFoundError:
         raise FetchError(f"{LLAMA_CPP_PACKAGE} is not installed, so its converter cannot be fetched; "
                          "give a llama.cpp checkout with --llama-cpp DIR", ExitCode.EX_UNAVAILABLE) from None

@@ -59,6 +59,22 @@ def deep_text() -> Path:
     return _cached("gemma3n-deep", ".gguf", params, lambda p: synth.write_gemma3n_text(p, synth.DEEP, tokenizer))
 
 
+def gemma4_text() -> Path:
+    """Tiny Gemma 4 text model (synth_gemma4.GEMMA4_TINY: the last 2 of 4 layers reuse KV) with F32 matrices."""
+    import dataclasses
+
+    from gguf import GGMLQuantizationType
+
+    from tests.support import synth_gemma4
+
+    shape = dataclasses.replace(synth_gemma4.GEMMA4_TINY, name="tiny-f32", matrix_type=GGMLQuantizationType.F32)
+    tokenizer = gemma3_tokenizer()
+    params = {"shape": repr(shape), "tokenizer": tokenizer.name,
+              "source": hashlib.sha256(Path(synth_gemma4.__file__).read_bytes()).hexdigest()}
+    return _cached("gemma4-tiny-f32", ".gguf", params,
+                   lambda p: synth_gemma4.write_gemma4_text(p, shape, tokenizer))
+
+
 def tiny_vision_projector(image_size: int = 512) -> Path:
     """Tiny MobileNetV5 gemma3nv projector for tiny_text(): 256 tokens per image."""
     params = {"arch": repr(synth.TINY_VISION), "n_embd": synth.TINY.n_embd, "image_size": image_size}
