@@ -100,8 +100,14 @@ class Run:
 
 
 def response(run: Run, request_id: str, timeout: float = 240) -> dict[str, Any]:
-    msg = run.client.wait_for(f"{run.daemon.base}/response", lambda m: payload_json(m)["id"] == request_id,
-                              timeout=timeout)[0]
+    """The request's final response; its error, if one comes instead, ends the bench with it."""
+    def settled(m: Any) -> bool:
+        return bool(payload_json(m).get("id") == request_id)
+
+    msg = run.client.wait_for(f"{run.daemon.base}/+", lambda m: m.topic.rsplit("/", 1)[1] in ("response", "error")
+                              and settled(m), timeout=timeout)[0]
+    if msg.topic.endswith("/error"):
+        raise SystemExit(f"{request_id}: {msg.payload.decode()}\n" + "".join(run.daemon.lines()[-30:]))
     return dict(payload_json(msg))
 
 
@@ -121,7 +127,8 @@ def model_stages(body: dict[str, Any], into: dict[str, list[float]]) -> None:
 def describe(args: argparse.Namespace, broker: Broker, video: Path, size: int) -> None:
     run = Run(args, broker, "camera.enabled=true", f"camera.source={video}", f"camera.input_size={size}")
     stages: dict[str, list[float]] = {}
-    try:
+    try:  # online comes before the camera's first frame: a describe then would be answered no_frame
+        run.client.wait_for(f"{run.daemon.base}/health", lambda m: payload_json(m)["stages"].get("camera") == "ok")
         for r in range(args.rounds):
             sent = time.time()
             run.client.publish(f"{run.daemon.base}/describe", {"id": f"d{size}-{r}"})
