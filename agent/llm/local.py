@@ -297,7 +297,7 @@ class LocalModel:
                 self._prepare_media(turns, request.system)
             else:
                 self._prefill(self._head(turns, request.system))
-            log.info("evaluated the prompt ahead of a %s turn (%d media item(s)) in %.0f ms", request.source,
+            log.info("prompt evaluated ahead of its turn (%s, %d media item(s)) in %.0f ms", request.source,
                      len(request.media), (time.monotonic() - began) * 1000)
         except RuntimeError as exc:
             if not self._should_abort(None):
