@@ -36,7 +36,9 @@ TOPICS: dict[str, TopicSpec] = {spec.name: spec for spec in (
     TopicSpec("transcript", _OUT, 1, False, durable=True,
               keys=("id", "text", "start", "end", "duration", "emitted", "stt_ms")),
     TopicSpec("event", _OUT, 1, False, durable=True, keys=("event_type", "ts")),
-    TopicSpec("health", _OUT, 1, True, ("state", "uptime", "stages", "memory", "ts")),
+    # QoS 0: a snapshot is superseded every health.interval; a QoS 1 one published as the connection died was
+    # sent again by paho after the fresh one of the reconnect, and stayed retained, stale
+    TopicSpec("health", _OUT, 0, True, ("state", "uptime", "stages", "memory", "ts")),
     TopicSpec("error", _OUT, 1, False, durable=True, keys=("id", "error", "detail", "source", "ts")),
     TopicSpec("snapshot", _OUT, 1, True, json=False),
 )}
