@@ -18,7 +18,8 @@ from agent import package_version
 from agent.config import Config, ConfigError, available_cpus
 from agent.contract.codes import AgentError, ErrorCode
 from agent.contract.exitcodes import ExitCode
-from agent.contract.topics import HA_STATUS, TOPICS
+from agent.contract.outbound import Health
+from agent.contract.topics import HA_STATUS
 from agent.gguf import ModelFileError
 from agent.llm.engine import Backend, Engine
 from agent.llm.loader import exit_code_for, open_backend
@@ -199,9 +200,7 @@ class Agent:
         """The health snapshot, retained. Only while connected: a retained state queued during an outage would be
         delivered after the fresh one sent on reconnecting, and stay retained, stale."""
         if self.client.connected.is_set():
-            spec = TOPICS["health"]
-            self.client.publish_json(self.client.topics.health, self.health.snapshot(), qos=spec.qos,
-                                     retain=spec.retain)
+            self.client.publish(Health(self.health.snapshot()))
         self.health_beat.beat()
 
     def _health_loop(self) -> None:

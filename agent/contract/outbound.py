@@ -103,4 +103,15 @@ class Event:
         return {"event_type": self.type, **self.data, "ts": self.ts}
 
 
-Outbound = Response | StreamDelta | ErrorReply | Transcript | Event
+@dataclass(frozen=True)
+class Health:
+    """The health snapshot (topic `health`, retained): agent.ops.health builds its fields."""
+
+    topic: ClassVar[str] = "health"
+    snapshot: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.snapshot
+
+
+Outbound = Response | StreamDelta | ErrorReply | Transcript | Event | Health
