@@ -42,6 +42,9 @@ from agent.turns.types import MediaSupport, Output
 
 log = logging.getLogger("agent.app")
 MODEL_LOAD_LIMIT = 15 * 60  # seconds: EXTEND_TIMEOUT_USEC stops after this, so a hung load still fails the start
+# seconds past the longest utterance (vad.max_utterance_s) that what a speech onset prepared waits for its turn
+# (the hangover, speech-to-text and the queue come after the speech)
+PREPARED_HOLD_MARGIN_S = 10.0
 
 
 class StartupError(Exception):
@@ -125,7 +128,8 @@ class Agent:
         conversation = Conversation(cfg.conversation.max_exchanges, cfg.conversation.idle_reset)
         activity = threading.Event()  # set by the engine at each turn's start and end: health goes out then
         engine = Engine(backend, cfg.model.queue_size, conversation,
-                        projector_idle=cfg.memory.projector_idle_release, on_activity=activity.set)
+                        projector_idle=cfg.memory.projector_idle_release, on_activity=activity.set,
+                        prepared_hold=cfg.vad.max_utterance_s + PREPARED_HOLD_MARGIN_S)
         outbox = open_outbox(cfg)
         extra = (HA_STATUS,) if cfg.homeassistant.enabled else ()
         client = MqttClient(cfg.mqtt, cfg.device_id, outbox, extra)

@@ -5,13 +5,22 @@ code; the words are nonsense, the token counts and the contract are not."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from agent.config import ModelConfig
+from agent.contract.codes import Source
+from agent.llm.engine import Engine
+from agent.llm.local import LocalModel
 from agent.memory import tokens
+from agent.turns.types import Media, Request
 from tests.support.daemon import DaemonProcess
+from tests.support.media import compose, espeak, write_wav
 from tests.support.models_gemma4 import tiny_gemma4_projector, tiny_gemma4_text
 from tests.support.mqtt import Broker, Client, payload_json
 from tests.support.paths import run_agent
@@ -82,6 +91,54 @@ def test_on_demand_projector_serves_an_image_then_speech(broker: Broker, door_vi
     daemon.stop()
     assert daemon.log.count("projector released (an on-demand plan") == 2, daemon.log
     client.close()
+
+
+def test_a_spoken_question_finds_the_projector_loaded_and_its_frame_encoded(broker: Broker, door_video: Path,
+                                                                            tmp_path: Path) -> None:
+    """Under an on-demand plan, speech that goes to the projector as audio has it loaded at the speech's onset and
+    the frame encoded then, not evaluated: the turn loads nothing, encodes only its clip, frees the projector and
+    evaluates frame and clip (one load and one release for the whole turn)."""
+    pcm, _ = compose([(1.5, espeak("What is at the front door?"))], total_s=5.0)
+    daemon, client = start(broker, "memory.mode=manual", "memory.projector=on_demand", "camera.enabled=true",
+                           f"camera.source={door_video}", "vision.attach=always", "vision.max_frame_age=30",
+                           "microphone.enabled=true", f"microphone.source={write_wav(tmp_path / 'q.wav', pcm)}")
+    body = answer(client, daemon.base, source="speech")
+    assert body["tokens"]["image"] == 81 and body["tokens"]["audio"] > 0
+    assert body["projector_load_ms"] == 0  # loaded while the question was spoken
+    assert body["encode_ms"] > 0  # the clip's own encode, after the speech
+    tokens_ = body["tokens"]  # the frame was evaluated with the turn, after the clip was encoded
+    assert tokens_["prompt"] - tokens_["cached"] >= tokens_["image"] + tokens_["audio"], tokens_
+    daemon.stop()
+    assert "(speech, 1 media item(s), encoded and kept with the projector for its audio)" in daemon.log, daemon.log
+    assert daemon.log.count("projector loaded:") == 2, daemon.log  # the probe at start, then the speech onset
+    assert "projector released (an on-demand plan: freed before the prompt is evaluated)" in daemon.log
+    client.close()
+
+
+def test_what_a_speech_onset_kept_for_a_turn_that_never_came_is_freed() -> None:
+    """The projector and the frame's embeddings kept for a spoken turn wait for it prepared_hold seconds only."""
+    model = LocalModel(ModelConfig(path=str(tiny_gemma4_text(template=True)), mmproj=str(tiny_gemma4_projector()),
+                                   n_ctx=1024))
+    model.projector_resident = False  # what an on-demand memory plan sets
+    engine = Engine(model, 2, prepared_hold=1.0)
+    engine.start()
+
+    def until(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, "the engine never got there"
+            time.sleep(0.05)
+
+    try:
+        frame = np.random.default_rng(3).integers(0, 256, size=(256, 256, 3), dtype=np.uint8)
+        engine.prepare(Request(text="", source=Source.SPEECH, audio_follows=True, media=[Media("image", frame)]))
+        until(lambda: model.held > 0)
+        assert model.projector_loaded and engine.prepared == 1
+        until(lambda: not model.projector_loaded)
+        assert model.held == 0
+    finally:
+        assert engine.stop()
+        model.close()
 
 
 def test_check_prints_the_gemma4_plan_and_media_cost(tmp_path: Path) -> None:

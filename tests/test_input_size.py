@@ -15,7 +15,7 @@ from llama_cpp import mtmd_cpp as mtmd
 from agent.gguf import ModelFileError, inspect
 from agent.llm.input_size import projector_for, resized
 from tests.support import models as testmodels
-from tests.support.mtmd import mtmd_context, rgb_bitmap, text_context, tokenize
+from tests.support.mtmd import mtmd_context, pcm_bitmap, rgb_bitmap, text_context, tokenize
 
 STOCK = 512  # the tiny projector's own image_size (patch 2: 256 tokens)
 
@@ -76,26 +76,33 @@ def test_what_cannot_be_resized_is_left_alone_or_refused(tmp_path: Path) -> None
         resized(info, 300)
 
 
-def test_evaluating_kept_embeddings_equals_libmtmds_own_evaluation() -> None:
-    """An image encoded, its embeddings kept apart (so an on-demand projector can be freed first) and evaluated by
-    decode_embeddings leaves the model in the same state as libmtmd's helper: the same logits after it."""
+@pytest.mark.parametrize("kind", ["image", "audio"])
+def test_evaluating_kept_embeddings_equals_libmtmds_own_evaluation(kind: str) -> None:
+    """An image or a clip encoded, its embeddings kept apart (so an on-demand projector can be freed first) and
+    evaluated by decode_embeddings leaves the model in the same state as libmtmd's helper: the same logits after
+    it."""
     from agent.llm.projector import Piece, Projector, decode_embeddings
 
-    def logits_after_image(ours: bool) -> np.ndarray:
-        with text_context(testmodels.tiny_text()) as (model, lctx):
-            projector = Projector(str(testmodels.tiny_vision_projector()), model, 2)
+    text, projector_path = ((testmodels.tiny_text(), testmodels.tiny_vision_projector()) if kind == "image"
+                            else testmodels.tiny_audio_pair())
+
+    def logits_after_media(ours: bool) -> np.ndarray:
+        with text_context(text) as (model, lctx):
+            projector = Projector(str(projector_path), model, 2)
             try:
-                bitmap = rgb_bitmap(512, 512)
+                bitmap = rgb_bitmap(512, 512) if kind == "image" else pcm_bitmap(2.0)
                 chunks, found = tokenize(projector.ctx, mtmd.mtmd_default_marker(), bitmap)
-                chunk = mtmd.mtmd_input_chunks_get(chunks, [t for t, _n in found].index(1))
-                piece = Piece([-1] * 256, chunk, "image", 256)
+                at = [t for t, _n in found].index(1 if kind == "image" else 2)
+                chunk, n_tokens = mtmd.mtmd_input_chunks_get(chunks, at), found[at][1]
+                assert n_tokens == (256 if kind == "image" else 50)  # gemma4a: 25 tokens a second
+                piece = Piece([-1] * n_tokens, chunk, kind, n_tokens)
                 if ours:
                     encoded = projector.encode(piece)
-                    assert encoded is not None
-                    n_past = decode_embeddings(lctx, encoded, 0, 128)
+                    assert encoded is not None and encoded.embd.shape[0] == n_tokens
+                    n_past = decode_embeddings(lctx, encoded, 0, 32)
                 else:
-                    n_past = projector.evaluate(piece, lctx, 0, 128)
-                assert n_past == 256
+                    n_past = projector.evaluate(piece, lctx, 0, 32)
+                assert n_past == n_tokens
                 mtmd.mtmd_input_chunks_free(chunks)
                 mtmd.mtmd_bitmap_free(bitmap)
                 batch = llama_cpp.llama_batch_get_one((llama_cpp.llama_token * 1)(2), 1)
@@ -106,4 +113,5 @@ def test_evaluating_kept_embeddings_equals_libmtmds_own_evaluation() -> None:
             finally:
                 projector.close()
 
-    assert np.allclose(logits_after_image(True), logits_after_image(False), atol=1e-3)
+    ours, libmtmd = logits_after_media(True), logits_after_media(False)
+    assert np.isfinite(ours).all() and np.allclose(ours, libmtmd, atol=1e-3)

@@ -24,6 +24,7 @@ class Backend(Protocol):
 
     cfg: ModelConfig
     projector_used: float
+    held: float  # when a preparation began keeping the projector for its turn (0: it keeps nothing)
 
     @property
     def name(self) -> str: ...
@@ -40,6 +41,9 @@ class Backend(Protocol):
     def fits(self, turns: list[Turn], system: str | None, budget: int) -> bool: ...
 
     def release_projector(self, why: str = "") -> bool: ...
+
+    def release_held(self) -> None:
+        """Free what a preparation kept for a turn that did not come."""
 
     def close(self) -> None: ...
 
@@ -69,13 +73,16 @@ class Engine:
     """A worker thread serving requests one at a time from a bounded queue."""
 
     def __init__(self, model: Backend, queue_size: int, conversation: Conversation | None = None,
-                 projector_idle: float | None = None, on_activity: Callable[[], None] | None = None) -> None:
+                 projector_idle: float | None = None, on_activity: Callable[[], None] | None = None,
+                 prepared_hold: float = 30.0) -> None:
         """`projector_idle`: release the projector after this many seconds without a media turn (None: keep);
-        `on_activity`: called on the worker thread when a turn starts and when it ends."""
+        `on_activity`: called on the worker thread when a turn starts and when it ends; `prepared_hold`: seconds
+        what a preparation keeps for its turn (a spoken one: longer than any utterance) waits for it."""
         self.model = model
         self._on_activity = on_activity or (lambda: None)
         self.conversation = conversation
         self.projector_idle = projector_idle
+        self.prepared_hold = prepared_hold
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size + 1)  # + one wake-up for a preparation
         self._size = queue_size
         self._preparing: Request | None = None
@@ -140,9 +147,9 @@ class Engine:
     def _work(self) -> None:
         while True:
             try:
-                item = self._queue.get(timeout=None if self.projector_idle is None else 1.0)
+                item = self._queue.get(timeout=None if self.projector_idle is None and not self.model.held else 1.0)
             except queue.Empty:
-                self._release_idle_projector()
+                self._release_unused()
                 continue
             if item is _STOP:
                 return
@@ -198,7 +205,10 @@ class Engine:
         finally:
             self.progress_at = time.monotonic()
 
-    def _release_idle_projector(self) -> None:
+    def _release_unused(self) -> None:
+        """Free what a preparation kept past prepared_hold, and a projector unused for projector_idle seconds."""
+        if self.model.held and time.monotonic() - self.model.held > self.prepared_hold:
+            self.model.release_held()
         idle = self.projector_idle
         if idle is not None and self.model.projector_used and time.monotonic() - self.model.projector_used > idle:
             self.model.release_projector()

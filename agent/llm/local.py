@@ -141,6 +141,8 @@ class LocalModel:
         self._tokenized: Tokenized | None = None  # the last media prompt, to cut a follow-up without the projector
         self.answers: list[OwnAnswer] = []  # recent answers as produced, put back into the prompts that carry them
         self.projector_used = 0.0
+        self._ahead: dict[int, Encoded] = {}  # media encoded by a preparation, evaluated with its turn's audio
+        self.held = 0.0  # when a preparation began keeping an on-demand projector for its turn's audio (0: none)
         self._load_s = self._encode_s = 0.0  # this turn's projector load and encode time
         # False when the memory plan loads the projector for each image and frees it before decoding
         self.projector_resident = plan is None or plan.chosen is None or plan.chosen.setting.projector_resident
@@ -173,6 +175,7 @@ class LocalModel:
             return False
         self._projector.close()
         self._projector = None
+        self.held = 0.0
         apply.return_freed_heap()
         log.info("projector released (%s)", why or f"{time.monotonic() - self.projector_used:.0f}s unused")
         return True
@@ -269,6 +272,7 @@ class LocalModel:
         started = time.monotonic()
         deadline = started + cfg.deadline
         self._load_s = self._encode_s = 0.0
+        self.held = 0.0  # the turn a preparation kept the projector for (or any other: it frees it)
         turns = list(turns or [Turn("user", request.text, tuple(request.media))])
         shown = any(t.media for t in turns)
         if not shown and self._projector is not None and not self.projector_resident:
@@ -281,39 +285,66 @@ class LocalModel:
         try:
             return self._run(request, tokens, prompt, started, deadline, on_delta, cancel)
         finally:
+            self._ahead.clear()
             if prompt is not None:
                 prompt.close()
 
     def prepare(self, request: Request, turns: list[Turn]) -> None:
         """Evaluate the prompt up to the request's question, its media included (the question is not known yet:
         a speech turn prepared at speech onset, the system prompt at start), so the turn finds the rest in the KV
-        cache and evaluates only its question."""
-        if any(t.media for t in turns[:-1]) and not request.media:
-            return  # the conversation holds a picture: cut only by libmtmd, which a text turn may not load
+        cache and evaluates only its question.
+
+        A turn that will bring its speech as audio (`audio_follows`) under an on-demand plan finds the projector
+        loaded instead, and its frame encoded but not evaluated: one load serves the frame and the clip, and the
+        projector is freed before either is evaluated (`release_held` when the turn does not come)."""
+        hold = request.audio_follows and bool(self.cfg.mmproj) and not self.projector_resident
+        pictured = any(t.media for t in turns[:-1]) and not request.media  # cut only by libmtmd: the turn's work
+        if pictured and not hold:
+            return
         self._arm_abort(time.monotonic() + self.cfg.deadline, request.cancel)
         began = time.monotonic()
         try:
             if request.media:
-                self._prepare_media(turns, request.system)
-            else:
+                self._prepare_media(turns, request.system, hold)
+            elif not pictured:
                 self._prefill(self._head(turns, request.system))
-            log.info("prompt evaluated ahead of its turn (%s, %d media item(s)) in %.0f ms", request.source,
-                     len(request.media), (time.monotonic() - began) * 1000)
+            if hold:
+                self.projector()
+                self.held = time.monotonic()
+            log.info("prompt prepared ahead of its turn (%s, %d media item(s)%s) in %.0f ms", request.source,
+                     len(request.media), ", encoded and kept with the projector for its audio" if hold else "",
+                     (time.monotonic() - began) * 1000)
         except RuntimeError as exc:
             if not self._should_abort(None):
                 raise AgentError(ErrorCode.MODEL_ERROR, f"llama.cpp failed preparing the turn: {exc}") from None
         finally:
             self._disarm_abort()
 
-    def _prepare_media(self, turns: list[Turn], system: str | None) -> None:
+    def _prepare_media(self, turns: list[Turn], system: str | None, hold: bool) -> None:
         turns = [*turns[:-1], Turn("user", "", turns[-1].media)]  # no media of its own: the picture talked about
         prompt = self._media_prompt(turns, system)
         try:
-            self._feed_media(prompt)
+            if hold:
+                self._encode_ahead(prompt)
+            else:
+                self._feed_media(prompt)
         finally:
             prompt.close()
-            if not self.projector_resident:
+            if not self.projector_resident and not hold:
                 self.release_projector("an on-demand plan")
+
+    def _encode_ahead(self, prompt: Prompt) -> None:
+        """Encode the media of `prompt` the KV cache lacks and keep their embeddings for the turn, which evaluates
+        them once its own audio is encoded by the projector they share."""
+        self._ahead = {}
+        for piece, _skip in self._uncached(prompt)[1]:
+            if piece.kind != "text" and (encoded := self._encode(piece)) is not None:
+                self._ahead[piece.tokens[0]] = encoded
+
+    def release_held(self) -> None:
+        """Free what a preparation kept for a turn that did not come: the projector and the embeddings."""
+        self._ahead.clear()
+        self.release_projector("kept for a spoken turn that did not come")
 
     def _head(self, turns: list[Turn], system: str | None) -> list[int]:
         """The tokens of the prompt ahead of the last turn's text, but the last one (it may merge with the text's
@@ -461,29 +492,19 @@ class LocalModel:
 
         Media pieces stand in the token bookkeeping as a run of one negative pseudo-token derived from their
         content, so an identical image is reused and a different one never is; `llm.generate` then finds the
-        whole prefix cached and evaluates only the final text. Images are encoded before anything is evaluated,
-        and under an on-demand plan the projector is freed as soon as the last one is: the model's weights need
-        that memory back to evaluate them and the text ahead of them (with both resident, evaluating 256 image
-        tokens of E2B under 2 GiB took 12 s instead of 4).
+        whole prefix cached and evaluates only the final text. Images and audio clips are encoded before anything
+        is evaluated, and under an on-demand plan the projector is freed as soon as the last one is: the model's
+        weights need that memory back to evaluate them and the text ahead of them (with both resident, evaluating
+        256 image tokens of E2B under 2 GiB took 12 s instead of 4).
         """
         llm = self.llm
-        keep = self.cached_prefix(prompt.tokens)
-        pos = 0
-        for piece in prompt.pieces:  # never keep half of a media chunk
-            if piece.kind != "text" and pos < keep < pos + len(piece.tokens):
-                keep = pos
-            pos += len(piece.tokens)
+        keep, todo = self._uncached(prompt)
         llama_shim.keep_prefix(llm, keep)
-        todo, pos = [], 0
-        for piece in prompt.pieces[:-1]:
-            if pos + len(piece.tokens) > keep:
-                todo.append((piece, max(0, keep - pos)))
-            pos += len(piece.tokens)
         media = [i for i, (piece, _) in enumerate(todo) if piece.kind != "text"]
         encoded: dict[int, Encoded | None] = {}
-        for i in media:  # every image encoded before anything is evaluated ...
+        for i in media:  # every image and clip encoded before anything is evaluated ...
             encoded[i] = self._encode(todo[i][0])
-            if encoded[i] is None:  # audio, M-RoPE: libmtmd encodes and evaluates it in one call, in its place
+            if encoded[i] is None:  # M-RoPE: libmtmd encodes and evaluates it in one call, in its place
                 break
         if media and all(encoded.get(i) for i in media) and not self.projector_resident:
             # ... so an on-demand projector is freed before the text ahead of the images is evaluated: that text
@@ -506,8 +527,27 @@ class LocalModel:
                 new_n_past = decode_embeddings(lctx, ready, llm.n_tokens, llm.n_batch)
             llama_shim.record_media(llm, piece.tokens[0], new_n_past)
 
+    def _uncached(self, prompt: Prompt) -> tuple[int, list[tuple[Piece, int]]]:
+        """How much of the KV cache `prompt` keeps (never half of a media chunk), and the pieces before its last
+        that are left to evaluate, each with the tokens of it already cached."""
+        keep = self.cached_prefix(prompt.tokens)
+        pos = 0
+        for piece in prompt.pieces:
+            if piece.kind != "text" and pos < keep < pos + len(piece.tokens):
+                keep = pos
+            pos += len(piece.tokens)
+        todo, pos = [], 0
+        for piece in prompt.pieces[:-1]:
+            if pos + len(piece.tokens) > keep:
+                todo.append((piece, max(0, keep - pos)))
+            pos += len(piece.tokens)
+        return keep, todo
+
     def _encode(self, piece: Piece) -> Encoded | None:
-        """The image piece's embeddings, apart from libmtmd (None for what must be evaluated in one call)."""
+        """The media piece's embeddings, apart from libmtmd (None for what must be evaluated in one call): those a
+        preparation encoded when it kept them, else the projector's."""
+        if (ahead := self._ahead.pop(piece.tokens[0], None)) is not None:
+            return ahead
         encoded = self.projector().encode(piece)
         if encoded is not None:
             self._encode_s += encoded.seconds

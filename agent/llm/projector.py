@@ -110,7 +110,7 @@ def media_marker() -> str:
 
 @dataclass(frozen=True)
 class Encoded:
-    """An image's embeddings, out of the encoder: (tokens, n_embd) float32."""
+    """An image's or a clip's embeddings, out of the encoder: (tokens, n_embd) float32."""
 
     embd: np.ndarray
     n_pos: int  # positions it takes in the context
@@ -119,8 +119,8 @@ class Encoded:
 
 
 def decode_embeddings(lctx: Any, encoded: Encoded, n_past: int, n_batch: int) -> int:
-    """Evaluate encoded image embeddings into the KV cache at n_past (sequence 0), n_batch at a time, the way
-    libmtmd's helper does for models without M-RoPE; returns the new n_past."""
+    """Evaluate encoded image or audio embeddings into the KV cache at n_past (sequence 0), n_batch at a time, the
+    way libmtmd's helper does for models without M-RoPE; returns the new n_past."""
     import llama_cpp
 
     n_tokens, n_embd = encoded.embd.shape
@@ -140,7 +140,7 @@ def decode_embeddings(lctx: Any, encoded: Encoded, n_past: int, n_batch: int) ->
             batch.n_tokens = n
             rc = llama_cpp.llama_decode(lctx, batch)
             if rc != 0:
-                raise RuntimeError(f"llama_decode of the image embeddings failed (code {rc})")
+                raise RuntimeError(f"llama_decode of the media embeddings failed (code {rc})")
     finally:
         if encoded.non_causal:
             llama_cpp.llama_set_causal_attn(lctx, True)
@@ -232,15 +232,15 @@ class Projector:
         return pieces
 
     def encode(self, piece: Piece) -> Encoded | None:
-        """Run the encoder on an image piece and keep its embeddings apart from libmtmd, so the projector can be
-        freed before they are evaluated (the on-demand memory plan); None for what `evaluate` must do in one call
-        (audio, and models with M-RoPE positions)."""
+        """Run the encoder on an image or audio piece and keep its embeddings apart from libmtmd, so the projector
+        can be freed before they are evaluated (the on-demand memory plan); None for what `evaluate` must do in
+        one call (models with M-RoPE positions, which libmtmd's helper lays out itself)."""
         mtmd = self.mtmd
-        if piece.kind != "image" or mtmd.mtmd_decode_use_mrope(self.ctx):
+        if piece.kind == "text" or mtmd.mtmd_decode_use_mrope(self.ctx):
             return None
         began = time.monotonic()
         if mtmd.mtmd_encode_chunk(self.ctx, piece.chunk) != 0:
-            raise RuntimeError("libmtmd could not encode the image")
+            raise RuntimeError(f"libmtmd could not encode the {piece.kind}")
         n_tokens = int(mtmd.mtmd_input_chunk_get_n_tokens(piece.chunk))
         out = ctypes.cast(mtmd.mtmd_get_output_embd(self.ctx), ctypes.POINTER(ctypes.c_float))
         embd = np.ctypeslib.as_array(out, shape=(n_tokens * self.n_embd,)).reshape(n_tokens, self.n_embd).copy()

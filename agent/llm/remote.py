@@ -41,6 +41,7 @@ class RemoteModel:
             raise AgentError(ErrorCode.REMOTE_ERROR, f"remote.url must be http(s)://host[:port], got {remote.url!r}")
         self._url = url
         self.projector_used = 0.0
+        self.held = 0.0  # a remote turn keeps nothing between calls
         self.vision, self.audio = remote.vision, remote.audio
 
     @property
@@ -53,6 +54,9 @@ class RemoteModel:
 
     def release_projector(self, why: str = "") -> bool:
         return False
+
+    def release_held(self) -> None:
+        """Nothing is kept for a remote turn."""
 
     def prepare(self, request: Request, turns: list[Turn]) -> None:
         """The server keeps its own cache: nothing to prepare here."""

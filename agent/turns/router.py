@@ -167,12 +167,14 @@ class Router:
     def on_speech_onset(self, start: float) -> None:
         """Speech began (the microphone's thread) and will be a turn: evaluate its prompt up to the question now
         (the frame it will carry, or the system prompt and conversation), so after the end of speech only the
-        question is left to evaluate."""
+        question is left to evaluate; speech that goes to the projector as audio has it loaded ahead too."""
         if not self.policy.expects_turn():
             return
         framed = self.cfg.vision.attach == "always"
-        if not (framed and self._prepare("speech", Request(text="", source=Source.SPEECH), since=start)):
-            self.turns.prepare(Request(text="", source=Source.SPEECH))
+        audio = self.support.native_audio(self.cfg.listen.speech)
+        if not (framed and self._prepare("speech", Request(text="", source=Source.SPEECH, audio_follows=audio),
+                                         since=start)):
+            self.turns.prepare(Request(text="", source=Source.SPEECH, audio_follows=audio))
 
     def on_speech(self, request: Request, sink: Sink | None = None) -> None:
         """A speech turn from the speech worker: attach the frame per vision.attach (the one prepared at its onset

@@ -52,7 +52,7 @@ def speech_route(cfg: ListenConfig, microphone: bool, support: MediaSupport) -> 
     for listen.speech native without an audio projector."""
     if not microphone:
         return False, False
-    native = support.audio and cfg.speech in ("auto", "native")
+    native = support.native_audio(cfg.speech)
     if cfg.speech == "native" and not support.audio:
         raise ConfigError("listen.speech is native, but the projector (model.mmproj) takes no audio")
     return native, not native or cfg.trigger == "wake_phrase"

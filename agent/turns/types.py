@@ -59,6 +59,11 @@ class MediaSupport:
     vision: bool = False
     audio: bool = False
 
+    def native_audio(self, speech: str) -> bool:
+        """Speech goes to the model as audio, no speech-to-text: an audio projector and listen.speech `speech`
+        auto or native."""
+        return self.audio and speech in ("auto", "native")
+
 
 class Flag(Protocol):
     """Something a running turn polls to know it must stop (a threading.Event, or several at once)."""
@@ -79,6 +84,7 @@ class Request:
     transcript: str | None = None  # what speech-to-text heard, for speech turns
     system: str | None = None  # replaces model.system_prompt for this turn (mqtt.allow_remote_system_prompt)
     spoken: tuple[float, float] | None = None  # speech turns: wall-clock start and end of the utterance
+    audio_follows: bool = False  # a preparation whose turn will bring its speech as audio to the projector
     created: float = field(default_factory=time.monotonic)
     cancel: threading.Event = field(default_factory=threading.Event)  # stops this turn (a speculation let go)
 
