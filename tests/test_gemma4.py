@@ -32,6 +32,8 @@ def start(broker: Broker, *overrides: str) -> tuple[DaemonProcess, Client]:
     client = Client(broker.port)
     client.subscribe(f"{daemon.base}/#")
     daemon.start(client)
+    if "camera.enabled=true" in overrides:
+        daemon.wait_for_camera()
     return daemon, client
 
 
@@ -98,7 +100,7 @@ def test_a_spoken_question_finds_the_projector_loaded_and_its_frame_encoded(brok
     """Under an on-demand plan, speech that goes to the projector as audio has it loaded at the speech's onset and
     the frame encoded then, not evaluated: the turn loads nothing, encodes only its clip, frees the projector and
     evaluates frame and clip (one load and one release for the whole turn)."""
-    pcm, _ = compose([(1.5, espeak("What is at the front door?"))], total_s=5.0)
+    pcm, _ = compose([(3.0, espeak("What is at the front door?"))], total_s=6.5)  # the camera is up by then
     daemon, client = start(broker, "memory.mode=manual", "memory.projector=on_demand", "camera.enabled=true",
                            f"camera.source={door_video}", "vision.attach=always", "vision.max_frame_age=30",
                            "microphone.enabled=true", f"microphone.source={write_wav(tmp_path / 'q.wav', pcm)}")
@@ -109,7 +111,7 @@ def test_a_spoken_question_finds_the_projector_loaded_and_its_frame_encoded(brok
     tokens_ = body["tokens"]  # the frame was evaluated with the turn, after the clip was encoded
     assert tokens_["prompt"] - tokens_["cached"] >= tokens_["image"] + tokens_["audio"], tokens_
     daemon.stop()
-    assert "(speech, 1 media item(s), encoded and kept with the projector for its audio)" in daemon.log, daemon.log
+    assert "(speech, 1 media item(s), projector kept loaded for its audio)" in daemon.log, daemon.log
     assert daemon.log.count("projector loaded:") == 2, daemon.log  # the probe at start, then the speech onset
     assert "projector released (an on-demand plan: freed before the prompt is evaluated)" in daemon.log
     client.close()

@@ -82,6 +82,7 @@ def test_a_projector_that_fails_to_load_on_demand_is_a_projector_error(broker: B
     daemon, client = start(broker, testmodels.tiny_text(), *vision(door, f"model.mmproj={projector}",
                                                                    "memory.projector=on_demand",
                                                                    "camera.input_size=512"))  # its own size
+    daemon.wait_for_camera()
     client.publish(f"{daemon.base}/describe", {"id": "first"})
     assert reply(client, daemon.base, "first")[1]["tokens"]["image"] == 256  # loaded, used, released
     projector.write_bytes(projector.read_bytes()[:4096])  # the file is damaged while the daemon runs

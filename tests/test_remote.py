@@ -117,6 +117,7 @@ def test_remote_vision_decides_whether_a_frame_is_sent(broker: Broker, media_ser
         daemon, client = remote_daemon(broker, media_server, "remote.model=gemma-4-tiny", "camera.enabled=true",
                                        f"camera.source={door_video}", "camera.input_size=256",
                                        f"remote.vision={str(vision).lower()}", "conversation.max_exchanges=0")
+        daemon.wait_for_camera()
         client.publish(f"{daemon.base}/describe", {"id": "v"})
         leaf, body = final_or_error(client, daemon.base, "v")
         if vision:

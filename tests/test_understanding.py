@@ -24,8 +24,8 @@ def start(broker: Broker, model: Path, *overrides: str) -> tuple[DaemonProcess, 
     client = Client(broker.port)
     client.subscribe(f"{daemon.base}/#")
     daemon.start(client)
-    if "camera.enabled=true" in overrides:  # online comes before the camera's first frame (no_frame until then)
-        client.wait_for(f"{daemon.base}/health", lambda m: payload_json(m)["camera"]["state"] != "starting")
+    if "camera.enabled=true" in overrides:
+        daemon.wait_for_camera()
     return daemon, client
 
 

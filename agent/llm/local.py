@@ -312,7 +312,7 @@ class LocalModel:
                 self.projector()
                 self.held = time.monotonic()
             log.info("prompt prepared ahead of its turn (%s, %d media item(s)%s) in %.0f ms", request.source,
-                     len(request.media), ", encoded and kept with the projector for its audio" if hold else "",
+                     len(request.media), ", projector kept loaded for its audio" if hold else "",
                      (time.monotonic() - began) * 1000)
         except RuntimeError as exc:
             if not self._should_abort(None):

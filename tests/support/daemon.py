@@ -85,6 +85,11 @@ class DaemonProcess:
             time.sleep(0.05)
         raise AssertionError(f"no log line with {text!r} within {timeout}s; last lines: {self._lines[-5:]}")
 
+    def wait_for_camera(self, timeout: float = 60) -> None:
+        """Wait for the camera's first frame: online comes before it, and a describe in between is answered
+        no_frame (the camera's `ok` log line is the moment its state leaves `starting`)."""
+        self.wait_log(": ok (", timeout)
+
     def wait(self, timeout: float = 15) -> int:
         assert self.proc is not None and self._reader is not None
         try:
