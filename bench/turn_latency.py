@@ -12,8 +12,9 @@ microphone, for: the tiny Gemma 3n + Gemma 4 audio projector (native audio), the
   publish       the first stream partial reaching a subscriber
   total         speech end -> first partial received
 
-Part 2, in this process: tiny Gemma 3n + gemma3nv projector, same image size, same system prompt; the engine keeps
-the system prompt's KV and evaluates only the image and the question, the handler clears the cache every call.
+Part 2, in this process: tiny Gemma 3n + gemma3nv projector, same image, same system prompt; the engine encodes it
+at --input-size (default: the daemon's camera.input_size, 256) and keeps the system prompt's KV, evaluating only the
+image and the question; the handler encodes at the projector's own size and clears the cache every call.
 Target: engine time to first token <= 0.5x the handler's.
 
     .venv/bin/python -m bench.turn_latency [--rounds 5]
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.config import ModelConfig
+from agent.config import CameraConfig, ModelConfig
 from agent.llm.local import LocalModel
 from agent.llm.remote import png_data_url
 from agent.turns.types import (
@@ -152,8 +153,9 @@ def main() -> None:
     ap.add_argument("--skip-speech", action="store_true")
     ap.add_argument("--text", type=Path, help="text model for the image comparison (default: the tiny Gemma 3n)")
     ap.add_argument("--projector", type=Path, help="its vision projector (default: the tiny gemma3nv)")
-    ap.add_argument("--input-size", type=int, default=512, choices=(256, 512, 768),
-                    help="camera.input_size: the frame's side and the engine's projector copy")
+    ap.add_argument("--input-size", type=int, default=CameraConfig().input_size, choices=(256, 512, 768),
+                    help="camera.input_size: the frame's side and the engine's projector copy (default: the "
+                         "daemon's)")
     args = ap.parse_args()
     image_ttft(args.rounds, args.text, args.projector, args.input_size)
     if args.skip_speech:
